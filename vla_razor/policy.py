@@ -1,0 +1,84 @@
+"""The token-policy contract shared by the robot, ParityMNIST and LLM paths.
+
+A policy is a categorical distribution over a path's token set at each output position:
+7 action-bin positions x 256 bins for a VLA, 1 position x 10 digits for ParityMNIST, T text positions x vocabulary
+for an LLM. Everything downstream (objectives, divergences, samplers) sees only ``logits: [..., T, K]`` and
+``tokens: [..., T]``, so one implementation of each idea serves every path. Policies never compute losses.
+"""
+from __future__ import annotations
+
+import abc
+import copy
+
+import torch
+from tensordict import TensorDictBase
+
+
+def _check_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape {tuple(logits.shape)} "
+                         "without its last (token-set) dimension")
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token) per position. ``logits: [..., T, K]``, ``tokens: [..., T]`` (long) -> ``[..., T]``."""
+    _check_tokens(logits, tokens)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy per position in nats. ``logits: [..., T, K]`` -> ``[..., T]``."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def sample_tokens(logits: torch.Tensor, *, greedy: bool = False, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per position, no gradient. ``logits: [..., T, K]`` -> ``tokens: [..., T]`` (long).
+
+    Sampling goes through the Gumbel-max trick so a ``generator`` makes it reproducible on any batch shape.
+    """
+    with torch.no_grad():
+        if greedy:
+            return logits.argmax(-1)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-12, 1.0)
+        gumbel = -torch.log(-torch.log(uniform))
+        return (logits.float() / temperature + gumbel).argmax(-1)
+
+
+class TokenPolicy(abc.ABC):
+    """Mixin for ``nn.Module`` policies: one method to implement, the rest derived.
+
+    ``batch`` is a TensorDict in that path's schema (torchrl's VLA keys for robots, ``observation`` for MNIST,
+    ``input_ids``/``attention_mask`` for LLMs). Autoregressive policies take the tokens to condition on
+    (teacher forcing) and override :meth:`sample` with their sequential decoder.
+    """
+
+    @abc.abstractmethod
+    def token_logits(self, batch: TensorDictBase, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[..., T, K]`` over the token set at every output position (teacher-forced on ``tokens``)."""
+
+    def sample(self, batch: TensorDictBase, *, greedy: bool = False, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Tokens ``[..., T]`` drawn from the policy (no gradient)."""
+        with torch.no_grad():
+            logits = self.token_logits(batch)
+        return sample_tokens(logits, greedy=greedy, temperature=temperature, generator=generator)
+
+    def log_prob(self, batch: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
+        """log pi(tokens) per position, ``[..., T]``, from one (teacher-forced) forward; differentiable."""
+        return token_log_probs(self.token_logits(batch, tokens), tokens)
+
+    def entropy(self, batch: TensorDictBase, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position entropy ``[..., T]`` in nats."""
+        return token_entropy(self.token_logits(batch, tokens))
+
+    def frozen_copy(self):
+        """A deep copy in eval mode with gradients off: the reference pi_0 for KL and forgetting."""
+        reference = copy.deepcopy(self)
+        reference.eval()
+        for parameter in reference.parameters():
+            parameter.requires_grad_(False)
+        return reference
