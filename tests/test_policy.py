@@ -35,9 +35,9 @@ def test_stacked_mlp_members_equal_independent_models():
 def test_policy_interface_and_frozen_copy():
     model = StackedMLP(2)
     batch = TensorDict({"observation": torch.rand(4, 785)}, batch_size=[4])
-    tokens = model.sample(batch, generator=torch.Generator().manual_seed(1))
+    tokens = model.sample_tokens(batch, generator=torch.Generator().manual_seed(1))
     assert tokens.shape == (2, 4, 1) and tokens.min() >= 0 and tokens.max() < 10
-    log_probs = model.log_prob(batch, tokens)
+    log_probs = model.token_log_probs(batch, tokens)
     assert log_probs.shape == (2, 4, 1) and log_probs.requires_grad
     reference = model.frozen_copy()
     assert not any(p.requires_grad for p in reference.parameters())

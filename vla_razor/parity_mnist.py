@@ -52,7 +52,7 @@ class SweepConfig:
     num_lrs: int = 15               # log-spaced in [lr_min, lr_max]
     schedules: list[str] = field(default_factory=lambda: ["constant_with_warmup", "cosine_with_warmup"])
     epochs: list[int] = field(default_factory=lambda: [1, 2])
-    batch_size: int = 32            # images per step
+    batch_size: int = 64            # images per step (x group_size samples for on-policy methods)
     warmup_steps: int = 10
     checkpoints_per_run: int = 8    # evaluations spread evenly over each run, the last at its end
     dynamics_every: int = 10        # steps between gradient-cosine / KL-change measurements (0 = off)
@@ -262,7 +262,7 @@ def train_group(name: str, method: MethodConfig, epochs: int, base: BaseReferenc
     with torch.no_grad():
         base_probe_logits = base.model.logits(probe)[0]
     rows, dynamics, step = [], [], 0
-    progress = tqdm(total=total_steps, desc=f"{name} x{epochs}ep", leave=False)
+    progress = tqdm(total=total_steps, desc=f"{name} x{epochs}ep", leave=False, mininterval=5)
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, sweep.batch_size):

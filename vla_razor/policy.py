@@ -53,30 +53,34 @@ class TokenPolicy(abc.ABC):
 
     ``batch`` is a TensorDict in that path's schema (torchrl's VLA keys for robots, ``observation`` for MNIST,
     ``input_ids``/``attention_mask`` for LLMs). Autoregressive policies take the tokens to condition on
-    (teacher forcing) and override :meth:`sample` with their sequential decoder.
+    (teacher forcing) and override :meth:`sample_tokens` with their sequential decoder. Method names carry
+    ``token`` so they never shadow torchrl's ``VLAWrapperBase.log_prob`` / ``forward`` in a subclass of both.
     """
 
     @abc.abstractmethod
     def token_logits(self, batch: TensorDictBase, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[..., T, K]`` over the token set at every output position (teacher-forced on ``tokens``)."""
 
-    def sample(self, batch: TensorDictBase, *, greedy: bool = False, temperature: float = 1.0,
+    def sample_tokens(self, batch: TensorDictBase, *, greedy: bool = False, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Tokens ``[..., T]`` drawn from the policy (no gradient)."""
         with torch.no_grad():
             logits = self.token_logits(batch)
         return sample_tokens(logits, greedy=greedy, temperature=temperature, generator=generator)
 
-    def log_prob(self, batch: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
+    def token_log_probs(self, batch: TensorDictBase, tokens: torch.Tensor) -> torch.Tensor:
         """log pi(tokens) per position, ``[..., T]``, from one (teacher-forced) forward; differentiable."""
         return token_log_probs(self.token_logits(batch, tokens), tokens)
 
-    def entropy(self, batch: TensorDictBase, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def token_entropy(self, batch: TensorDictBase, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position entropy ``[..., T]`` in nats."""
         return token_entropy(self.token_logits(batch, tokens))
 
     def frozen_copy(self):
         """A deep copy in eval mode with gradients off: the reference pi_0 for KL and forgetting."""
+        if any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in self.parameters()):
+            raise ValueError(f"{type(self).__name__} has lazy, uninitialized parameters: run one forward "
+                             "(e.g. token_logits on a batch) before taking the frozen reference copy")
         reference = copy.deepcopy(self)
         reference.eval()
         for parameter in reference.parameters():
