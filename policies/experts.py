@@ -163,3 +163,86 @@ def _yaw_of_down_gripper(rot: Rotation) -> float:
     """Yaw of a roughly downward gripper: the angle of its x axis in the world xy plane."""
     x_axis = rot.apply([1.0, 0.0, 0.0])
     return float(np.arctan2(x_axis[1], x_axis[0]))
+
+
+class _DrawerExpert(Expert):
+    """Shared drawer-expert plumbing: handle/drawer state and the phase counter.
+
+    The gripper stays closed and pointing down: closed fingers form a hook that goes down between
+    the handle bar and the drawer front (open) or in front of the bar (close). A vertical hand
+    avoids the Panda wrist limits that block a horizontal grasp at handle height.
+    """
+
+    above_handle = 0.10  # m above the bar for the approach
+    tcp_below_bar = 0.015  # m; fingertips below the bar, palm still above it
+    settle_tolerance = 0.004  # m xy error before descending
+
+    def __init__(self):
+        self.servo = CartesianServo()
+
+    def reset(self, env) -> None:
+        self.servo.reset()
+        self.phase = "above"
+        self.phase_steps = 0
+        self.down = gripper_down(0.0)  # fingers close along world y: thin along the pull axis
+
+    def _state(self, env) -> tuple[np.ndarray, float, np.ndarray]:
+        base = _base_env(env)
+        handle = base.handle_position().reshape(-1, 3)[0].cpu().numpy().astype(np.float64)
+        opening = float(base.drawer_qpos().reshape(-1)[0])
+        tcp, _ = tcp_position_and_rotation(env)
+        return handle, opening, tcp
+
+    def _next(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_steps = 0
+
+    def _approach(self, env, point: np.ndarray, tcp: np.ndarray, next_phase: str) -> np.ndarray:
+        """Go above `point`, settle, then descend onto it; switches to `next_phase` when there."""
+        if self.phase == "above":
+            target = point + np.array([0.0, 0.0, self.above_handle])
+            err = np.linalg.norm(tcp[:2] - target[:2])
+            if err < self.settle_tolerance and abs(tcp[2] - target[2]) < 0.02:
+                self._next("descend")
+            return self.servo.action(env, target, self.down, GRIPPER_CLOSED,
+                                     max_speed=1.0 if err > 0.03 else 0.3)
+        if abs(tcp[2] - point[2]) < 0.006:
+            self._next(next_phase)
+        return self.servo.action(env, point, self.down, GRIPPER_CLOSED)
+
+
+class OpenDrawerExpert(_DrawerExpert):
+    """Hook closed fingers behind the handle bar from above, then pull the drawer out."""
+
+    name = "open_drawer_expert"
+    hook_behind_bar = 0.03  # m from bar centre toward the drawer front (bar back + finger half width)
+    pull_distance = 0.21  # m; success needs 0.15
+    pull_speed = 0.5  # fraction of the 0.1 m/step bound; faster lets the hook slip off the bar
+
+    def act(self, env, obs) -> np.ndarray:
+        handle, opening, tcp = self._state(env)
+        self.phase_steps += 1
+        # The drawer front faces world −x, so "behind the bar" is +x.
+        hook = handle + np.array([self.hook_behind_bar, 0.0, -self.tcp_below_bar])
+        if self.phase in ("above", "descend"):
+            return self._approach(env, hook, tcp, "pull")
+        goal = hook.copy()
+        goal[0] = hook[0] + opening - self.pull_distance  # the hook's closed-drawer x, minus the pull
+        return self.servo.action(env, goal, self.down, GRIPPER_CLOSED, max_speed=self.pull_speed)
+
+
+class CloseDrawerExpert(_DrawerExpert):
+    """Lower closed fingers in front of the handle bar, then push the drawer shut."""
+
+    name = "close_drawer_expert"
+    push_in_front_of_bar = 0.03  # m from bar centre toward the robot
+    overshoot = 0.01  # m past fully closed, so the last centimetres still get pushed
+
+    def act(self, env, obs) -> np.ndarray:
+        handle, opening, tcp = self._state(env)
+        self.phase_steps += 1
+        push = handle + np.array([-self.push_in_front_of_bar, 0.0, -self.tcp_below_bar])
+        if self.phase in ("above", "descend"):
+            return self._approach(env, push, tcp, "push")
+        goal = push + np.array([opening + self.overshoot, 0.0, 0.0])
+        return self.servo.action(env, goal, self.down, GRIPPER_CLOSED)
