@@ -1,0 +1,147 @@
+"""Task names → ManiSkill3 env ids, and `make_task`, the one way callers build a task env.
+
+Simulator imports happen inside the functions, so `import envs` stays cheap and works without
+mani_skill installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    module: str  # imported to register the env id
+    env_id: str
+    env_class: str
+    x_range_attr: str  # class attributes holding the default placement box
+    y_range_attr: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    "pick_can": TaskSpec("pick_can", "envs.pick_can", "VlaRazorPickCan-v1", "PickCanEnv",
+                         "can_x_range", "can_y_range"),
+    "open_drawer": TaskSpec("open_drawer", "envs.open_drawer", "VlaRazorOpenDrawer-v1", "OpenDrawerEnv",
+                            "cabinet_x_range", "cabinet_y_range"),
+    "close_drawer": TaskSpec("close_drawer", "envs.close_drawer", "VlaRazorCloseDrawer-v1",
+                             "CloseDrawerEnv", "cabinet_x_range", "cabinet_y_range"),
+}
+
+# Layout of obs["state"]; every task has the same 19 entries in this order.
+STATE_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("qpos", 9),  # 7 Panda arm joints (rad) + 2 finger joints (m)
+    ("tcp_pos", 3),  # world metres
+    ("tcp_quat", 4),  # wxyz
+    ("obj_pos", 3),  # privileged: can centre or drawer-handle bar centre, world metres
+)
+STATE_DIM = sum(size for _, size in STATE_LAYOUT)
+
+
+def task_spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def task_class(name: str):
+    """The ManiSkill env class of a task (imports mani_skill)."""
+    spec = task_spec(name)
+    return getattr(importlib.import_module(spec.module), spec.env_class)
+
+
+def placement_box(name: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Default (x_range, y_range) of the task's object (can or cabinet), world metres."""
+    spec = task_spec(name)
+    cls = task_class(name)
+    return tuple(getattr(cls, spec.x_range_attr)), tuple(getattr(cls, spec.y_range_attr))
+
+
+class VlaObservation(gym.ObservationWrapper):
+    """ManiSkill's nested rgb obs → {"image": uint8 [H, W, 3], "state": float32 [19]}.
+
+    `state` follows STATE_LAYOUT. With `render_images=False` there is no "image" key (state-only,
+    ~4x faster; for experts and quick checks). `instruction` is the task's language instruction,
+    and info["success"] is a plain bool.
+    """
+
+    def __init__(self, env: gym.Env, render_images: bool):
+        super().__init__(env)
+        self.render_images = render_images
+        spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
+        if render_images:
+            size = self.env.unwrapped.image_size
+            spaces["image"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+
+    @property
+    def instruction(self) -> str:
+        return self.env.unwrapped.instruction
+
+    @property
+    def max_episode_steps(self) -> int:
+        """Step limit of the episode (ManiSkill keeps it on its TimeLimitWrapper)."""
+        env = self.env
+        while not hasattr(env, "_max_episode_steps") and hasattr(env, "env"):
+            env = env.env
+        return int(env._max_episode_steps)
+
+    def observation(self, obs: dict) -> dict:
+        extra = obs["extra"]
+        state = np.concatenate(
+            [obs["agent"]["qpos"], extra["tcp_pose"][:3], extra["tcp_pose"][3:], extra["obj_pos"]]
+        ).astype(np.float32)
+        out = {"state": state}
+        if self.render_images:
+            out["image"] = np.ascontiguousarray(obs["sensor_data"]["base_camera"]["rgb"], dtype=np.uint8)
+        return out
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        info["success"] = bool(info["success"])
+        return obs, float(reward), bool(terminated), bool(truncated), info
+
+    def reset(self, **kwargs):
+        obs, info = super().reset(**kwargs)
+        info["success"] = bool(info["success"])
+        return obs, info
+
+
+def make_task(
+    name: str,
+    image_size: int = 128,
+    render_images: bool = True,
+    max_episode_steps: int | None = None,
+    **env_kwargs,
+) -> VlaObservation:
+    """One CPU env of task `name` ("pick_can" | "open_drawer" | "close_drawer").
+
+    Action: 7-D pd_ee_delta_pose ([-1, 1]^7: xyz × 0.1 m, rotation × 0.1 rad, gripper +1 open /
+    −1 closed). Reward: success as 0/1. Episodes terminate on success and truncate at the task's
+    step limit (or `max_episode_steps`). Place the object with
+    `reset(seed=s, options={"obj_init_xy": [x, y]})`. Raises VulkanUnavailableError when SAPIEN
+    has no usable Vulkan device.
+    """
+    spec = task_spec(name)
+    from envs.vulkan import require_vulkan
+
+    require_vulkan()
+    importlib.import_module(spec.module)
+    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+    if max_episode_steps is not None:
+        env_kwargs["max_episode_steps"] = max_episode_steps
+    env = gym.make(
+        spec.env_id,
+        obs_mode="rgb" if render_images else "state_dict",
+        control_mode="pd_ee_delta_pose",
+        reward_mode="sparse",
+        sim_backend="physx_cpu",
+        image_size=image_size,
+        **env_kwargs,
+    )
+    return VlaObservation(CPUGymWrapper(env), render_images=render_images)
