@@ -1,16 +1,17 @@
 """Task names → ManiSkill3 env ids, and `make_task`, the one way callers build a task env.
 
-Simulator imports happen inside the functions, so `import envs` stays cheap and works without
-mani_skill installed.
+Simulator (and gymnasium) imports happen inside the functions, so `import envs` stays cheap and
+works without mani_skill installed.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import gymnasium as gym
-import numpy as np
+if TYPE_CHECKING:
+    from envs.observation import VlaObservation
 
 
 @dataclass(frozen=True)
@@ -61,56 +62,6 @@ def placement_box(name: str) -> tuple[tuple[float, float], tuple[float, float]]:
     return tuple(getattr(cls, spec.x_range_attr)), tuple(getattr(cls, spec.y_range_attr))
 
 
-class VlaObservation(gym.ObservationWrapper):
-    """ManiSkill's nested rgb obs → {"image": uint8 [H, W, 3], "state": float32 [19]}.
-
-    `state` follows STATE_LAYOUT. With `render_images=False` there is no "image" key (state-only,
-    ~4x faster; for experts and quick checks). `instruction` is the task's language instruction,
-    and info["success"] is a plain bool.
-    """
-
-    def __init__(self, env: gym.Env, render_images: bool):
-        super().__init__(env)
-        self.render_images = render_images
-        spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
-        if render_images:
-            size = self.env.unwrapped.image_size
-            spaces["image"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
-        self.observation_space = gym.spaces.Dict(spaces)
-
-    @property
-    def instruction(self) -> str:
-        return self.env.unwrapped.instruction
-
-    @property
-    def max_episode_steps(self) -> int:
-        """Step limit of the episode (ManiSkill keeps it on its TimeLimitWrapper)."""
-        env = self.env
-        while not hasattr(env, "_max_episode_steps") and hasattr(env, "env"):
-            env = env.env
-        return int(env._max_episode_steps)
-
-    def observation(self, obs: dict) -> dict:
-        extra = obs["extra"]
-        state = np.concatenate(
-            [obs["agent"]["qpos"], extra["tcp_pose"][:3], extra["tcp_pose"][3:], extra["obj_pos"]]
-        ).astype(np.float32)
-        out = {"state": state}
-        if self.render_images:
-            out["image"] = np.ascontiguousarray(obs["sensor_data"]["base_camera"]["rgb"], dtype=np.uint8)
-        return out
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = super().step(action)
-        info["success"] = bool(info["success"])
-        return obs, float(reward), bool(terminated), bool(truncated), info
-
-    def reset(self, **kwargs):
-        obs, info = super().reset(**kwargs)
-        info["success"] = bool(info["success"])
-        return obs, info
-
-
 def make_task(
     name: str,
     image_size: int = 128,
@@ -127,6 +78,9 @@ def make_task(
     has no usable Vulkan device.
     """
     spec = task_spec(name)
+    import gymnasium as gym
+
+    from envs.observation import VlaObservation
     from envs.vulkan import require_vulkan
 
     require_vulkan()

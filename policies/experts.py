@@ -246,3 +246,31 @@ class CloseDrawerExpert(_DrawerExpert):
             return self._approach(env, push, tcp, "push")
         goal = push + np.array([opening + self.overshoot, 0.0, 0.0])
         return self.servo.action(env, goal, self.down, GRIPPER_CLOSED)
+
+
+EXPERTS: dict[str, type[Expert]] = {
+    "pick_can": PickCanExpert,
+    "open_drawer": OpenDrawerExpert,
+    "close_drawer": CloseDrawerExpert,
+}
+
+
+def make_expert(task: str) -> Expert:
+    if task not in EXPERTS:
+        raise ValueError(f"no expert for task {task!r}; experts exist for: {', '.join(sorted(EXPERTS))}")
+    return EXPERTS[task]()
+
+
+def run_expert_episode(env, expert: Expert, obj_init_xy, seed: int) -> tuple[bool, int]:
+    """Reset `env` (an envs.make_task env) at `obj_init_xy`, run `expert` until the episode ends.
+
+    Returns (success at the end, number of steps).
+    """
+    obs, info = env.reset(seed=seed, options={"obj_init_xy": [float(v) for v in obj_init_xy]})
+    expert.reset(env)
+    steps = 0
+    while True:
+        obs, _, terminated, truncated, info = env.step(expert.act(env, obs))
+        steps += 1
+        if terminated or truncated:
+            return bool(info["success"]), steps
