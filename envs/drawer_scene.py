@@ -41,10 +41,11 @@ class DrawerSceneEnv(BaseEnv):
     # sits where an open drawer ends up. TCP ≈ (-0.22, 0, 0.36) world.
     robot_start_qpos = (0.0, -0.5, 0.0, -2.5, 0.0, 2.0, np.pi / 4, 0.04, 0.04)
     robot_init_qpos_noise = 0.02
-    # Camera beside the cabinet's front-left, above handle height: sees the drawer front, the
-    # handle and the opening travel, with the cabinet large in a 128^2 image.
-    camera_eye = (-0.35, 0.45, 0.55)
-    camera_target = (0.05, 0.0, 0.15)
+    # Camera to the robot's left, above handle height, looking across the cabinet front: image
+    # left-right is world x, so the drawer's whole travel, the handle and the approaching gripper
+    # stay in view for every cabinet placement, with the cabinet large in a 128^2 image.
+    camera_eye = (-0.25, 0.55, 0.55)
+    camera_target = (0.02, 0.0, 0.12)
     camera_fov = 0.85
 
     def __init__(self, *args, robot_uids="panda", image_size: int = 128, **kwargs):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import sapien
 import torch
 
 from mani_skill.sensors.camera import CameraConfig
@@ -53,9 +52,3 @@ def object_xy_for_reset(
             f"options['{OBJ_INIT_XY}'] must hold 1 or {batch} (x, y) pairs, got shape {tuple(xy.shape)}"
         )
     return xy.expand(batch, 2).clone()
-
-
-def fixed_pose(xyz: Sequence[float], yaw: float = 0.0) -> sapien.Pose:
-    """Pose at `xyz` rotated `yaw` radians about world z."""
-    half = yaw / 2.0
-    return sapien.Pose(p=list(xyz), q=[float(np.cos(half)), 0.0, 0.0, float(np.sin(half))])

@@ -142,12 +142,10 @@ class PickCanExpert(Expert):
         if self.phase == "close":
             if self.phase_steps >= self.close_steps:
                 self._next("lift")
+                # Straight up from the grasp; fixed here because the can's own top rises with it.
+                self.lift_target = tcp + np.array([0.0, 0.0, self.lift_height])
             return self.servo.action(env, tcp, self.grasp_rot, GRIPPER_CLOSED)
-        target = np.array([tcp[0], tcp[1], top - self.grasp_below_top + self.lift_height])
-        if self.phase_steps == 1:
-            self.lift_xy = tcp[:2].copy()
-        target[:2] = self.lift_xy
-        return self.servo.action(env, target, self.grasp_rot, GRIPPER_CLOSED)
+        return self.servo.action(env, self.lift_target, self.grasp_rot, GRIPPER_CLOSED)
 
     def _next(self, phase: str) -> None:
         self.phase = phase
