@@ -19,8 +19,20 @@ vulkan_usable() {
     (cd "$REPO_ROOT" && "$PYTHON" -c "import envs.vulkan as v; v.require_vulkan()") >/dev/null 2>&1
 }
 
+sapien_installed() {
+    "$PYTHON" -c "import sapien" >/dev/null 2>&1
+}
+
+backports_mesa_installed() {
+    dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q "bpo"
+}
+
 if vulkan_usable; then
     echo "setup_vulkan: a usable Vulkan device already exists; nothing to do."
+    exit 0
+fi
+if ! sapien_installed && backports_mesa_installed; then
+    echo "setup_vulkan: backports Mesa is already installed (SAPIEN is not, so it was not probed)."
     exit 0
 fi
 
@@ -56,6 +68,9 @@ apt-get install -y -q -t bookworm-backports mesa-vulkan-drivers
 
 if vulkan_usable; then
     echo "setup_vulkan: Vulkan device is usable now."
+elif ! sapien_installed; then
+    echo "setup_vulkan: installed backports Mesa; SAPIEN is not installed yet, so it was not probed" \
+         "(pip install -e '.[sim]', then rerun this script to check)."
 else
     echo "setup_vulkan: installed backports Mesa but SAPIEN still finds no usable Vulkan device;" \
          "check 'python -c \"import envs.vulkan as v; v.require_vulkan()\"' for the reason." >&2
