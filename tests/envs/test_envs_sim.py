@@ -108,11 +108,23 @@ def test_expert_success_flips_on_a_2x2_grid(task):
     expert = make_expert(task)
     x_range, y_range = placement_box(task)
     for i, xy in enumerate(grid_positions(2, 2, x_range, y_range)):
-        _, info = env.reset(seed=i, options={"obj_init_xy": list(xy)})
+        obs, info = env.reset(seed=i, options={"obj_init_xy": list(xy)})
         assert info["success"] is False, "a task must not start solved"
-        success, steps = run_expert_episode(env, expert, xy, seed=i)
-        assert success, f"{expert.name} failed at {xy} after {steps} steps"
-        assert steps < env.max_episode_steps
+        expert.reset(env)
+        rewards, terminated, truncated = [], False, False
+        while not (terminated or truncated):
+            obs, reward, terminated, truncated, info = env.step(expert.act(env, obs))
+            rewards.append(reward)
+        assert info["success"] and terminated, f"{expert.name} failed at {xy} after {len(rewards)} steps"
+        # Sparse reward: 0 until the step that succeeds, which ends the episode with reward 1.
+        assert rewards[-1] == 1.0 and sum(rewards[:-1]) == 0.0
+    env.close()
+
+
+def test_run_expert_episode_reports_success_and_length():
+    env = make_task("pick_can", render_images=False)
+    success, steps = run_expert_episode(env, make_expert("pick_can"), (0.0, 0.0), seed=0)
+    assert success and 5 < steps < env.max_episode_steps
     env.close()
 
 
