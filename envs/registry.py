@@ -1,0 +1,101 @@
+"""Task names → ManiSkill3 env ids, and `make_task`, the one way callers build a task env.
+
+Simulator (and gymnasium) imports happen inside the functions, so `import envs` stays cheap and
+works without mani_skill installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from envs.observation import VlaObservation
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    module: str  # imported to register the env id
+    env_id: str
+    env_class: str
+    x_range_attr: str  # class attributes holding the default placement box
+    y_range_attr: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    "pick_can": TaskSpec("pick_can", "envs.pick_can", "VlaRazorPickCan-v1", "PickCanEnv",
+                         "can_x_range", "can_y_range"),
+    "open_drawer": TaskSpec("open_drawer", "envs.open_drawer", "VlaRazorOpenDrawer-v1", "OpenDrawerEnv",
+                            "cabinet_x_range", "cabinet_y_range"),
+    "close_drawer": TaskSpec("close_drawer", "envs.close_drawer", "VlaRazorCloseDrawer-v1",
+                             "CloseDrawerEnv", "cabinet_x_range", "cabinet_y_range"),
+}
+
+# Layout of obs["state"]; every task has the same 19 entries in this order.
+STATE_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("qpos", 9),  # 7 Panda arm joints (rad) + 2 finger joints (m)
+    ("tcp_pos", 3),  # world metres
+    ("tcp_quat", 4),  # wxyz
+    ("obj_pos", 3),  # privileged: can centre or drawer-handle bar centre, world metres
+)
+STATE_DIM = sum(size for _, size in STATE_LAYOUT)
+
+
+def task_spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def task_class(name: str):
+    """The ManiSkill env class of a task (imports mani_skill)."""
+    spec = task_spec(name)
+    return getattr(importlib.import_module(spec.module), spec.env_class)
+
+
+def placement_box(name: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Default (x_range, y_range) of the task's object (can or cabinet), world metres."""
+    spec = task_spec(name)
+    cls = task_class(name)
+    return tuple(getattr(cls, spec.x_range_attr)), tuple(getattr(cls, spec.y_range_attr))
+
+
+def make_task(
+    name: str,
+    image_size: int = 128,
+    render_images: bool = True,
+    max_episode_steps: int | None = None,
+    **env_kwargs,
+) -> VlaObservation:
+    """One CPU env of task `name` ("pick_can" | "open_drawer" | "close_drawer").
+
+    Action: 7-D pd_ee_delta_pose ([-1, 1]^7: xyz × 0.1 m, rotation × 0.1 rad, gripper +1 open /
+    −1 closed). Reward: success as 0/1. Episodes terminate on success and truncate at the task's
+    step limit (or `max_episode_steps`). Place the object with
+    `reset(seed=s, options={"obj_init_xy": [x, y]})`. Raises VulkanUnavailableError when SAPIEN
+    has no usable Vulkan device.
+    """
+    spec = task_spec(name)
+    import gymnasium as gym
+
+    from envs.observation import VlaObservation
+    from envs.vulkan import require_vulkan
+
+    require_vulkan()
+    importlib.import_module(spec.module)
+    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+    if max_episode_steps is not None:
+        env_kwargs["max_episode_steps"] = max_episode_steps
+    env = gym.make(
+        spec.env_id,
+        obs_mode="rgb" if render_images else "state_dict",
+        control_mode="pd_ee_delta_pose",
+        reward_mode="sparse",
+        sim_backend="physx_cpu",
+        image_size=image_size,
+        **env_kwargs,
+    )
+    return VlaObservation(CPUGymWrapper(env), render_images=render_images)
