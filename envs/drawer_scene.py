@@ -16,10 +16,10 @@ from mani_skill.utils.scene_builder.table import TableSceneBuilder
 from mani_skill.utils.structs.pose import Pose
 
 from envs.cabinet import CabinetGeometry, build_cabinet
-from envs.task_common import ROBOT_BASE_XYZ, object_xy_for_reset, task_camera
+from envs.task_common import ROBOT_BASE_XYZ, TaskCameraMixin, object_xy_for_reset
 
 
-class DrawerSceneEnv(BaseEnv):
+class DrawerSceneEnv(TaskCameraMixin, BaseEnv):
     """Panda in front of a two-drawer cabinet whose front faces the robot.
 
     Observation extras: `tcp_pose` [7] (xyz + wxyz quaternion, world), `obj_pos` [3] (top drawer
@@ -47,21 +47,6 @@ class DrawerSceneEnv(BaseEnv):
     camera_eye = (-0.25, 0.55, 0.55)
     camera_target = (0.02, 0.0, 0.12)
     camera_fov = 0.85
-
-    def __init__(self, *args, robot_uids="panda", image_size: int = 128, **kwargs):
-        self.image_size = image_size
-        super().__init__(*args, robot_uids=robot_uids, **kwargs)
-
-    @property
-    def _default_sensor_configs(self):
-        return [task_camera(self.camera_eye, self.camera_target, self.camera_fov, self.image_size)]
-
-    @property
-    def _default_human_render_camera_configs(self):
-        return task_camera(self.camera_eye, self.camera_target, self.camera_fov, 512)
-
-    def _load_agent(self, options: dict):
-        super()._load_agent(options, sapien.Pose(p=list(ROBOT_BASE_XYZ)))
 
     def _load_scene(self, options: dict):
         self.table_scene = TableSceneBuilder(self, robot_init_qpos_noise=0.0)

@@ -12,13 +12,13 @@ from mani_skill.utils.registration import register_env
 from mani_skill.utils.scene_builder.table import TableSceneBuilder
 from mani_skill.utils.structs.pose import Pose
 
-from envs.task_common import ROBOT_BASE_XYZ, object_xy_for_reset, task_camera
+from envs.task_common import TaskCameraMixin, object_xy_for_reset
 
 PICK_CAN_ID = "VlaRazorPickCan-v1"
 
 
 @register_env(PICK_CAN_ID, max_episode_steps=40)
-class PickCanEnv(BaseEnv):
+class PickCanEnv(TaskCameraMixin, BaseEnv):
     """**Task:** grasp the red can standing on the table and lift it ("pick coke can").
 
     **Randomizations:**
@@ -52,21 +52,6 @@ class PickCanEnv(BaseEnv):
     camera_eye = (-0.03, 0.40, 0.40)
     camera_target = (-0.03, 0.0, 0.04)
     camera_fov = 0.85
-
-    def __init__(self, *args, robot_uids="panda", image_size: int = 128, **kwargs):
-        self.image_size = image_size
-        super().__init__(*args, robot_uids=robot_uids, **kwargs)
-
-    @property
-    def _default_sensor_configs(self):
-        return [task_camera(self.camera_eye, self.camera_target, self.camera_fov, self.image_size)]
-
-    @property
-    def _default_human_render_camera_configs(self):
-        return task_camera(self.camera_eye, self.camera_target, self.camera_fov, 512)
-
-    def _load_agent(self, options: dict):
-        super()._load_agent(options, sapien.Pose(p=list(ROBOT_BASE_XYZ)))
 
     def _load_scene(self, options: dict):
         self.table_scene = TableSceneBuilder(self, robot_init_qpos_noise=self.robot_init_qpos_noise)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import sapien
 import torch
 
 from mani_skill.sensors.camera import CameraConfig
@@ -52,3 +53,27 @@ def object_xy_for_reset(
             f"options['{OBJ_INIT_XY}'] must hold 1 or {batch} (x, y) pairs, got shape {tuple(xy.shape)}"
         )
     return xy.expand(batch, 2).clone()
+
+
+class TaskCameraMixin:
+    """Plumbing every vla-razor ManiSkill3 task shares; mix in before ``BaseEnv``.
+
+    Gives the ``image_size`` constructor argument, one square task camera built from the class attributes
+    ``camera_eye`` / ``camera_target`` / ``camera_fov`` (plus a 512^2 one for human rendering), and the Panda
+    base at ``ROBOT_BASE_XYZ``.
+    """
+
+    def __init__(self, *args, robot_uids="panda", image_size: int = 128, **kwargs):
+        self.image_size = image_size
+        super().__init__(*args, robot_uids=robot_uids, **kwargs)
+
+    @property
+    def _default_sensor_configs(self):
+        return [task_camera(self.camera_eye, self.camera_target, self.camera_fov, self.image_size)]
+
+    @property
+    def _default_human_render_camera_configs(self):
+        return task_camera(self.camera_eye, self.camera_target, self.camera_fov, 512)
+
+    def _load_agent(self, options: dict):
+        super()._load_agent(options, sapien.Pose(p=list(ROBOT_BASE_XYZ)))
