@@ -1,0 +1,503 @@
+"""GPU benchmark (issue 6): OpenVLA-7B-shaped Llava policy, random bf16 weights, ours vs naive HF.
+
+Measures, each beside the naive transformers baseline in the same process:
+  (a) action sampling (actions/s = samples/s, one action = 7 tokens) at batch 1/64/128/256:
+      naive ``model.generate(max_new_tokens=7, do_sample=True)`` vs ``sample_action_tokens``;
+  (b) teacher-forced action log-probs at batch 64/256: naive full-vocab forward vs
+      ``action_token_log_probs``;
+  (c) full fine-tune REINFORCE update at batch 16/32: naive (full-vocab logits, default AdamW)
+      vs ours (action head, fused element-wise ops, fused AdamW);
+  (d) LoRA r=32 on all language-model linear layers, batch 32: naive peft vs ours (fused LoRA).
+  (e) extras if time is left: regional torch.compile of the decoder layers for (b)-(d).
+
+MFU convention (the issue's): model FLOPs per sample = c * P * S with P = all parameters
+(7.19e9 here), S = 284 tokens per sample (256 image + 21 text + 7 action), c = 2 for a forward
+(sampling counts its prefill + decode tokens, 284 in all), 6 for a full fine-tune step, 4 for a
+LoRA step (forward + activation gradients; weight gradients of the adapters are negligible);
+MFU = samples/s * FLOPs/sample / 790e12 (bf16 dense matmul peak measured on an H200; also used
+on H100). Ceilings at 100% MFU: forward 194 samples/s, full fine-tune 65, LoRA 97.
+
+Usage: python benchmarks/gpu_openvla.py [--tiny] [--budget-s 420] [--out DIR]
+``--tiny`` runs tiny dims on CPU in seconds and checks correctness (tokens in the action set,
+sampler log-probs == teacher-forced log-probs, fused ops and fused LoRA == reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from policies import fast_kernels as fk  # noqa: E402
+from policies.openvla_fast import (  # noqa: E402
+    ReinforceBatch,
+    action_token_log_probs,
+    make_adamw,
+    reinforce_loss,
+    reinforce_step,
+    sample_action_tokens,
+    tokens_to_action_index,
+)
+
+PEAK_FLOPS = 790e12
+RESERVE_TRAIN = 150  # seconds the main (c)+(d) rows need; optional extras before them leave this
+RESERVE_LORA = 50
+IMAGE_TOKEN = 32000
+ACTION_IDS = torch.arange(31744, 32000)
+N_ACT = 7
+N_TEXT = 20  # text tokens after BOS + image: 1 + 256 + 20 + 7 = 284
+
+
+# ----------------------------------------------------------------------------- model + data
+def build_config(tiny: bool):
+    from transformers import LlamaConfig, LlavaConfig, SiglipVisionConfig
+
+    if tiny:
+        vis = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=56, patch_size=14)
+        txt = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=32064, max_position_embeddings=512)
+    else:
+        vis = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                 num_attention_heads=16, image_size=224, patch_size=14)
+        txt = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    n_img = (vis.image_size // vis.patch_size) ** 2
+    cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=IMAGE_TOKEN,
+                      vision_feature_select_strategy="full", vision_feature_layer=-2, image_seq_length=n_img,
+                      projector_hidden_act="gelu")
+    cfg._attn_implementation = "sdpa"
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = "sdpa"
+    return cfg, n_img
+
+
+def build_model(cfg, device, dtype):
+    """Random model, built directly on `device` so the init runs there (seconds on a GPU)."""
+    from transformers import LlavaForConditionalGeneration
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if any(p.dtype != dtype for p in model.parameters()):
+        model.to(dtype)
+    model.generation_config.eos_token_id = None  # random weights: never stop before 7 tokens
+    model.generation_config.pad_token_id = 0
+    model.config.use_cache = False
+    return model
+
+
+def make_batch(batch, n_img, image_size, device, dtype, with_actions, left_pad=0, seed=0):
+    """[BOS, image x n_img, text x N_TEXT, (actions x 7)] left-padded by `left_pad` zeros."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(100, 31000, (batch, N_TEXT), generator=g)
+    parts = [torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE_TOKEN), text]
+    if with_actions:
+        parts.append(ACTION_IDS[torch.randint(0, 256, (batch, N_ACT), generator=g)])
+    ids = torch.cat(parts, 1)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        ids = torch.cat([torch.zeros(batch, left_pad, dtype=torch.long), ids], 1)
+        mask = torch.cat([torch.zeros(batch, left_pad, dtype=torch.long), mask], 1)
+    pix = torch.randn(batch, 3, image_size, image_size, generator=g).to(dtype)
+    adv = torch.randn(batch, generator=g)
+    return pix.to(device), ids.to(device), mask.to(device), adv.to(device)
+
+
+# ----------------------------------------------------------------------------- naive baselines
+def naive_generate(model, pix, ids, mask):
+    out = model.generate(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=N_ACT,
+                         do_sample=True, pad_token_id=0)
+    return out[:, -N_ACT:]
+
+
+def naive_log_probs(model, pix, ids, mask):
+    """Full-vocab logits for every position, then OpenVLA's logits[:, -8:-1] restricted to actions."""
+    logits = model(pixel_values=pix, input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B,T,V]
+    act = logits[:, -N_ACT - 1:-1].float()[..., ACTION_IDS.to(ids.device)]  # [B,7,256]
+    idx = tokens_to_action_index(ids[:, -N_ACT:], ACTION_IDS)
+    return torch.log_softmax(act, -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def naive_step(model, opt, pix, ids, mask, adv):
+    opt.zero_grad(set_to_none=True)
+    loss, _ = reinforce_loss(naive_log_probs(model, pix, ids, mask), adv)
+    loss.backward()
+    opt.step()
+
+
+# ----------------------------------------------------------------------------- harness
+class Bench:
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.t0 = time.time()
+        self.rows: list[dict] = []
+        self.meta: dict = {}
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def left(self):
+        return self.args.budget_s - (time.time() - self.t0)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_fn(self, fn, warmup, iters):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            ts.append(time.perf_counter() - t)
+            if self.left() < 0:
+                break
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else float("nan")
+        return statistics.median(ts), peak
+
+    def measure(self, section, variant, batch, fn, flops_per_sample, need_s, warmup=1, iters=3, note=""):
+        row = dict(section=section, variant=variant, batch=batch, note=note)
+        if self.left() < need_s:
+            row.update(status=f"skipped (time guard: {self.left():.0f}s left < {need_s}s)")
+            print(f"[skip] {section} {variant} b{batch}: {row['status']}", flush=True)
+        else:
+            t_start = time.time()
+            try:
+                sec, peak = self.time_fn(fn, warmup, iters)
+                sps = batch / sec
+                row.update(status="ok", sec_per_iter=sec, samples_per_s=sps, peak_gib=peak,
+                           mfu=sps * flops_per_sample / PEAK_FLOPS, wall_s=time.time() - t_start)
+                print(f"[ok] {section:10s} {variant:28s} b{batch:<4d} {sps:8.2f}/s  MFU {row['mfu']:.3f} "
+                      f"peak {peak:6.1f} GiB  ({row['wall_s']:.1f}s wall)", flush=True)
+            except torch.OutOfMemoryError:
+                row.update(status="OOM")
+                print(f"[oom] {section} {variant} b{batch}", flush=True)
+            except Exception as e:  # report and go on: one failure must not lose the run
+                row.update(status=f"error: {type(e).__name__}: {str(e)[:200]}")
+                print(f"[err] {section} {variant} b{batch}: {row['status']}", flush=True)
+            finally:
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self.rows.append(row)
+        self.write()
+        return row
+
+    def table(self):
+        base = {}
+        for r in self.rows:
+            if r["variant"].startswith("naive") and r.get("status") == "ok":
+                base[(r["section"], r["batch"])] = r["samples_per_s"]
+        lines = ["| section | variant | batch | samples/s | × naive | MFU | peak GiB | status / note |",
+                 "|---|---|---:|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            if r.get("status") == "ok":
+                b = base.get((r["section"], r["batch"]))
+                ratio = f"{r['samples_per_s'] / b:.2f}" if b and not r["variant"].startswith("naive") else ""
+                lines.append(f"| {r['section']} | {r['variant']} | {r['batch']} | {r['samples_per_s']:.2f} | {ratio} | "
+                             f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {r['note']} |")
+            else:
+                lines.append(f"| {r['section']} | {r['variant']} | {r['batch']} | | | | | {r['status']} {r['note']} |")
+        return "\n".join(lines)
+
+    def write(self):
+        self.meta["elapsed_s"] = time.time() - self.t0
+        (self.out / "results.json").write_text(json.dumps(dict(meta=self.meta, rows=self.rows), indent=1, default=str))
+        head = " ".join(f"{k}={v}" for k, v in self.meta.items() if k != "checks")
+        (self.out / "results.md").write_text(f"{head}\n\n{self.table()}\n\nchecks: {self.meta.get('checks')}\n")
+
+
+# ----------------------------------------------------------------------------- correctness (tiny and GPU)
+def check_consistency(model, n_img, img, dtype, device, tol):
+    """Sampler log-probs == teacher-forced log-probs on the same tokens, tokens in the action set,
+    and left padding does not change them. Returns a dict of max abs differences."""
+    pix, ids, mask, _ = make_batch(4, n_img, img, device, dtype, with_actions=False, left_pad=0, seed=1)
+    # rows 2,3 get 3 extra left pads: same prompts, padded differently
+    pad = 3
+    ids_p = torch.cat([torch.zeros(4, pad, dtype=torch.long, device=device), ids], 1)
+    mask_p = torch.cat([torch.zeros(4, pad, dtype=torch.long, device=device), mask], 1)
+    mask_p[:2, pad:] = 1
+    mask_p[:2, :pad] = 1  # rows 0,1: pads count as real (filler) tokens
+    ids_p[:2, :pad] = 5
+    g = torch.Generator(device=device).manual_seed(0)
+    toks, lp_s = sample_action_tokens(model, pix, ids_p, mask_p, ACTION_IDS, generator=g)
+    in_set = bool(torch.isin(toks, ACTION_IDS.to(device)).all())
+    with torch.no_grad():
+        lp_t, logits = action_token_log_probs(model, pix, torch.cat([ids_p, toks], 1),
+                                              torch.cat([mask_p, torch.ones_like(toks)], 1), ACTION_IDS)
+        # left-padding invariance: rows 2,3 padded vs unpadded
+        lp_u, _ = action_token_log_probs(model, pix[2:], torch.cat([ids[2:], toks[2:]], 1),
+                                         torch.ones(2, ids.shape[1] + N_ACT, dtype=torch.long, device=device),
+                                         ACTION_IDS)
+        # naive full-vocab reference
+        lp_n = naive_log_probs(model, pix, torch.cat([ids_p, toks], 1), torch.cat([mask_p, torch.ones_like(toks)], 1))
+    res = dict(tokens_in_action_set=in_set,
+               sample_vs_teacher_forced=float((lp_s - lp_t).abs().max()),
+               left_pad_invariance=float((lp_t[2:] - lp_u).abs().max()),
+               ours_vs_naive_full_vocab=float((lp_t - lp_n).abs().max()),
+               logits_shape=list(logits.shape))
+    res["pass"] = bool(in_set and res["sample_vs_teacher_forced"] < tol and res["left_pad_invariance"] < tol
+                       and res["ours_vs_naive_full_vocab"] < tol)
+    return res
+
+
+def check_lora_fused(model, n_img, img, dtype, device, tol):
+    """Fused LoRA forward/backward == peft's own, on one batch (model already peft-wrapped)."""
+    pix, ids, mask, adv = make_batch(2, n_img, img, device, dtype, with_actions=True, seed=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # non-zero B so the adapter path matters
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+
+    def grads():
+        for p in params:
+            p.grad = None
+        lp, _ = action_token_log_probs(model, pix, ids, mask, ACTION_IDS)
+        reinforce_loss(lp, adv)[0].backward()
+        return lp.detach(), [p.grad.detach().clone() for p in params]
+
+    fk.unfuse_lora_linears(model)
+    lp_ref, g_ref = grads()
+    n = fk.fuse_lora_linears(model)
+    lp_f, g_f = grads()
+    rel = max(float((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)) for a, b in zip(g_f, g_ref))
+    for p in params:
+        p.grad = None
+    rel_tol = 1e-3 if dtype == torch.float32 else 5e-2  # bf16 adapter math vs peft's fp32 adapters
+    return dict(fused_modules=n, logp_diff=float((lp_f - lp_ref).abs().max()), grad_rel_err=rel,
+                **{"pass": bool(n > 0 and float((lp_f - lp_ref).abs().max()) < tol and rel < rel_tol)})
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny dims on CPU, correctness checks, seconds")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting measurements near this")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--no-extras", action="store_true", help="skip the regional torch.compile variants")
+    ap.add_argument("--tiny-compile", action="store_true", help="with --tiny: really torch.compile (minutes on CPU)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    tiny = args.tiny or device.type == "cpu"
+    use_compile = not tiny or args.tiny_compile
+    if not use_compile:
+        args.no_extras = True
+
+    def fused_ops(on: bool):
+        fk.enable_fused_llama_ops(on, compile=use_compile)
+    bench = Bench(args, device)
+    import transformers
+
+    bench.meta.update(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                      torch=torch.__version__, transformers=transformers.__version__, dtype=str(dtype), tiny=tiny)
+    try:
+        import peft
+
+        bench.meta["peft"] = peft.__version__
+    except ImportError:
+        bench.meta["peft"] = None
+    print(bench.meta, flush=True)
+
+    cfg, n_img = build_config(tiny)
+    img = cfg.vision_config.image_size
+    t = time.time()
+    model = build_model(cfg, device, dtype)
+    model.eval()  # no dropout anywhere; gradients still flow
+    n_params = sum(p.numel() for p in model.parameters())
+    seq = 1 + n_img + N_TEXT + N_ACT
+    bench.meta.update(params=n_params, seq=seq, build_s=round(time.time() - t, 1))
+    print(f"model built in {time.time() - t:.1f}s: {n_params / 1e9:.3f}B params, {seq} tokens/sample", flush=True)
+    fwd, full, lora = (c * n_params * seq for c in (2, 6, 4))
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    sizes = dict(sample=[1, 64, 128, 256], logp=[64, 256], full=[16, 32], lora=[32]) if not tiny else \
+        dict(sample=[1, 4], logp=[4], full=[2], lora=[2])
+    ACTION_IDS_DEV = ACTION_IDS.to(device)
+
+    # correctness first (cheap): eager, then with fused element-wise ops
+    checks = {}
+    for name in ("eager", "fused_ops"):
+        fused_ops(name == "fused_ops")
+        try:
+            checks[name] = check_consistency(model, n_img, img, dtype, device, tol)
+        except Exception as e:  # report, keep measuring
+            checks[name] = {"pass": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    fused_ops(False)
+    if use_compile and "error" in checks["fused_ops"]:  # compiled ops broke: measure the eager formulas instead
+        use_compile = False
+        args.no_extras = True
+        bench.meta["compile_fallback"] = checks["fused_ops"]["error"]
+    bench.meta["torch_compile"] = use_compile
+    bench.meta["checks"] = checks
+    print("checks:", json.dumps(checks), flush=True)
+
+    def batch_of(b, actions):
+        return make_batch(b, n_img, img, device, dtype, with_actions=actions, seed=b)
+
+    # (a) sampling ------------------------------------------------------------------------------------------
+    for b in sizes["sample"]:
+        pix, ids, mask, _ = batch_of(b, False)
+        bench.measure("sample", "naive generate", b, lambda: naive_generate(model, pix, ids, mask), fwd,
+                      need_s=10 + b * 0.05, warmup=1, iters=3)
+        del pix, ids, mask
+    fused_ops(True)
+    for b in sizes["sample"]:
+        pix, ids, mask, _ = batch_of(b, False)
+        bench.measure("sample", "ours (action head+fused ops)", b,
+                      lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV), fwd,
+                      need_s=10 + b * 0.05, warmup=2, iters=3)
+        del pix, ids, mask
+    fused_ops(False)
+    b = sizes["sample"][-1]
+    pix, ids, mask, _ = batch_of(b, False)
+    bench.measure("sample", "ours (action head, eager ops)", b,
+                  lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV), fwd,
+                  need_s=10 + b * 0.05, warmup=1, iters=3, note="attribution: without fused ops")
+    del pix, ids, mask
+
+    # (b) teacher-forced log-probs ---------------------------------------------------------------------------
+    for b in sizes["logp"]:
+        pix, ids, mask, _ = batch_of(b, True)
+        with torch.no_grad():
+            bench.measure("logprob", "naive full-vocab forward", b, lambda: naive_log_probs(model, pix, ids, mask),
+                          fwd, need_s=8 + b * 0.04)
+            fused_ops(True)
+            bench.measure("logprob", "ours (action head+fused ops)", b,
+                          lambda: action_token_log_probs(model, pix, ids, mask, ACTION_IDS_DEV), fwd,
+                          need_s=8 + b * 0.04, warmup=2)
+            fused_ops(False)
+        del pix, ids, mask
+
+    if not args.no_extras:  # regional compile of the cache-free forward, if time allows the rest too
+        b = sizes["logp"][-1]
+        pix, ids, mask, _ = batch_of(b, True)
+        fk.compile_decoder_layers(model, True)
+        with torch.no_grad():
+            bench.measure("logprob", "ours + compiled decoder layers", b,
+                          lambda: action_token_log_probs(model, pix, ids, mask, ACTION_IDS_DEV), fwd,
+                          need_s=90 + RESERVE_TRAIN, warmup=2, note="regional torch.compile, eager element-wise ops")
+        fk.compile_decoder_layers(model, False)
+        del pix, ids, mask
+
+    # (c) full fine-tune REINFORCE update ------------------------------------------------------------------
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()  # configs have zero dropout; train() only matters for checkpointing flags
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)  # naive: default (foreach) AdamW
+    for b in sizes["full"]:
+        pix, ids, mask, adv = batch_of(b, True)
+        bench.measure("full-FT", "naive (full vocab, AdamW)", b, lambda: naive_step(model, opt, pix, ids, mask, adv),
+                      full, need_s=15 + b * 0.2, note="no grad checkpointing")
+        del pix, ids, mask, adv
+    del opt
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    opt = make_adamw(model.parameters(), lr=1e-7)
+    fused_ops(True)
+    for b in sizes["full"]:
+        pix, ids, mask, adv = batch_of(b, True)
+        rb = ReinforceBatch(pix, ids, mask, adv)
+        bench.measure("full-FT", "ours (action head+fused ops+fused AdamW)", b,
+                      lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=20 + b * 0.2, warmup=2,
+                      note="no grad checkpointing")
+        del pix, ids, mask, adv, rb
+    fused_ops(False)
+    if not args.no_extras:
+        b = sizes["full"][-1]
+        pix, ids, mask, adv = batch_of(b, True)
+        rb = ReinforceBatch(pix, ids, mask, adv)
+        fk.compile_decoder_layers(model, True)
+        bench.measure("full-FT", "ours + compiled decoder layers", b,
+                      lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=120 + RESERVE_LORA,
+                      warmup=2, note="regional torch.compile fwd+bwd, fused AdamW")
+        fk.compile_decoder_layers(model, False)
+        del pix, ids, mask, adv, rb
+    del opt
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # (d) LoRA ---------------------------------------------------------------------------------------------
+    pmodel = None
+    if bench.meta["peft"] is None:
+        bench.rows.append(dict(section="LoRA", variant="all", batch=0, note="", status="skipped: peft not installed"))
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0,
+                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+        pmodel = get_peft_model(model, lcfg)
+        n_lora = sum(p.numel() for p in pmodel.parameters() if p.requires_grad)
+        bench.meta["lora_params"] = n_lora
+        try:
+            bench.meta["checks"]["fused_lora"] = check_lora_fused(pmodel, n_img, img, dtype, device, tol)
+        except Exception as e:
+            bench.meta["checks"]["fused_lora"] = {"pass": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print("fused LoRA check:", bench.meta["checks"]["fused_lora"], flush=True)
+        fk.unfuse_lora_linears(pmodel)
+        opt = torch.optim.AdamW([p for p in pmodel.parameters() if p.requires_grad], lr=1e-5)
+        for b in sizes["lora"]:
+            pix, ids, mask, adv = batch_of(b, True)
+            bench.measure("LoRA", "naive peft (full vocab, AdamW)", b,
+                          lambda: naive_step(pmodel, opt, pix, ids, mask, adv), lora, need_s=15 + b * 0.2,
+                          note=f"r=32 all LM linears, adapters fp32 (peft default), {n_lora / 1e6:.0f}M params")
+            del pix, ids, mask, adv
+        del opt
+        pmodel.zero_grad(set_to_none=True)
+        n_fused = fk.fuse_lora_linears(pmodel)
+        opt = make_adamw(pmodel.parameters(), lr=1e-5)
+        fused_ops(True)
+        for b in sizes["lora"]:
+            pix, ids, mask, adv = batch_of(b, True)
+            rb = ReinforceBatch(pix, ids, mask, adv)
+            bench.measure("LoRA", "ours (fused LoRA+fused ops+fused AdamW)", b,
+                          lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=20 + b * 0.2,
+                          warmup=2, note=f"{n_fused} fused LoRA linears, bf16 math, fp32 master")
+            del pix, ids, mask, adv, rb
+        fused_ops(False)
+
+    # (e) extra: regional torch.compile of the decoder layers for the LoRA step ------------------------------
+    if not args.no_extras and pmodel is not None:
+        b = sizes["lora"][-1]
+        pix, ids, mask, adv = batch_of(b, True)
+        rb = ReinforceBatch(pix, ids, mask, adv)
+        fk.compile_decoder_layers(pmodel, True)
+        bench.measure("LoRA", "ours + compiled decoder layers", b,
+                      lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=100, warmup=2,
+                      note="regional torch.compile fwd+bwd, fused LoRA inside")
+        fk.compile_decoder_layers(pmodel, False)
+
+    bench.meta["elapsed_s"] = time.time() - bench.t0
+    bench.write()
+    print("\n" + bench.table(), flush=True)
+    print("\nchecks:", json.dumps(bench.meta["checks"]), flush=True)
+    ok = all(v.get("pass", False) for v in bench.meta["checks"].values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
