@@ -7,6 +7,8 @@ compute the full-vocabulary head:
 
 * :func:`sample_action_tokens` - one prefill of image + prompt, then ``num_tokens - 1`` cached
   decode steps; the head is ``lm_head.weight[action_token_ids]`` ([K, d]) applied to one position.
+  The KV cache is pre-allocated for ``T + num_tokens - 1`` positions and written in place
+  (:class:`PreallocatedKVCache`), so a decode step does not re-concatenate the whole cache.
 * :func:`action_token_log_probs` - ONE teacher-forced forward over image + prompt + actions; the
   head is applied only to the ``num_tokens`` positions that predict action tokens
   (``hidden[:, -num_tokens-1:-1]``, i.e. OpenVLA's ``logits[:, -8:-1]`` restricted to K ids).
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "PreallocatedKVCache",
     "action_head_weight",
     "action_token_log_probs",
     "make_adamw",
@@ -67,12 +70,88 @@ def _cache_from(out):
     return cache if cache is not None else out.get("past_key_values", None)
 
 
+def _preallocated_layer_class():
+    """Build the layer class lazily: transformers is imported only when a cache is made."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A :class:`DynamicLayer` whose keys/values live in one buffer ``[B, H, max_len, D]``.
+
+        ``update`` copies the new states into the buffer in place and exposes ``buffer[:, :, :len]``
+        views as ``keys``/``values`` - the same tensors a ``DynamicLayer`` would hold, without the
+        ``torch.cat`` that copies the whole cache at every decode step. Everything else (mask sizes,
+        sequence length) is inherited, so the model builds exactly the masks it builds for a
+        ``DynamicCache``.
+        """
+
+        def __init__(self, max_len: int):
+            super().__init__()
+            self.max_len = int(max_len)
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+            b, h, _, d = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._k = key_states.new_empty(b, h, self.max_len, d)
+            self._v = value_states.new_empty(b, value_states.shape[1], self.max_len, value_states.shape[-1])
+            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+            self.length = 0
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.max_len:
+                raise ValueError(f"PreallocatedKVCache overflow: {end} positions > max_len={self.max_len}")
+            self._k[:, :, self.length : end].copy_(key_states)
+            self._v[:, :, self.length : end].copy_(value_states)
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def reset(self) -> None:
+            self.length = 0
+            if self.is_initialized:
+                self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    return PreallocatedLayer
+
+
+def PreallocatedKVCache(num_layers: int, max_len: int):  # noqa: N802 (factory named like the class it makes)
+    """A transformers ``DynamicCache`` whose ``num_layers`` layers are pre-allocated for ``max_len``
+    positions (allocated at the first write, with the batch/head shapes of the prefill)."""
+    from transformers.cache_utils import DynamicCache
+
+    layer_cls = _preallocated_layer_class()
+    cache = DynamicCache()
+    cache.layers = [layer_cls(max_len) for _ in range(num_layers)]
+    return cache
+
+
+def _num_text_layers(body) -> int:
+    cfg = getattr(body, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "num_hidden_layers", None)
+    if n is None:
+        raise ValueError("cannot find num_hidden_layers on the model config; pass kv_cache='dynamic'")
+    return int(n)
+
+
 def action_head_weight(model, action_token_ids: torch.Tensor) -> torch.Tensor:
     """Rows of the output embedding for the action ids: ``[K, d]`` (autograd flows into the head)."""
     head = _unwrap(model).get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("output head with a bias is not supported (Llama's lm_head has none)")
     return head.weight[action_token_ids.to(head.weight.device)]
+
+
+def _logit_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bf16/fp32 models; float64 for a float64 (reference) model."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -114,6 +193,8 @@ def sample_action_tokens(
     num_tokens: int = 7,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    kv_cache: str = "static",
+    tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``num_tokens`` action tokens per row, restricted to ``action_token_ids``.
 
@@ -124,10 +205,15 @@ def sample_action_tokens(
         action_token_ids: ``[K]`` vocabulary ids of the action bins (OpenVLA: 31744..31999).
         temperature: logits are divided by it before sampling; > 0.
         generator: optional ``torch.Generator`` on the model's device, for reproducible draws.
+        kv_cache: ``"static"`` (default) - a cache pre-allocated for ``T + num_tokens - 1`` positions
+            and written in place; ``"dynamic"`` - transformers' ``DynamicCache`` (concatenates the
+            whole cache at every step; kept for comparison).
+        tokens: optional ``[B, num_tokens]`` action ids to score instead of drawing (the same
+            prefill + decode computation; used to compare numerics on fixed tokens).
 
     Returns:
         tokens ``[B, num_tokens]`` (vocabulary ids, all in ``action_token_ids``) and their
-        log-probabilities ``[B, num_tokens]`` (float32) under the tempered, action-restricted
+        log-probabilities ``[B, num_tokens]`` (float32; float64 for a float64 model) under the tempered, action-restricted
         distribution - the same quantity :func:`action_token_log_probs` recomputes.
 
     Cost: one prefill of T tokens plus ``num_tokens - 1`` decode steps of one token; the head is
@@ -135,41 +221,54 @@ def sample_action_tokens(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kv_cache not in ("static", "dynamic"):
+        raise ValueError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
     _check_batch(input_ids, attention_mask, pixel_values)
+    if tokens is not None and tuple(tokens.shape) != (input_ids.shape[0], num_tokens):
+        raise ValueError(f"tokens {tuple(tokens.shape)} must be [B, num_tokens] = [{input_ids.shape[0]}, {num_tokens}]")
     body = _body(model)
     cache_name = _cache_kwarg(body)
     w_act = action_head_weight(model, action_token_ids)  # [K, d]
     ids_dev = action_token_ids.to(input_ids.device)
     batch = input_ids.shape[0]
 
+    forced = None if tokens is None else tokens_to_action_index(tokens, action_token_ids)  # [B, N]
+
     position_ids = position_ids_from_mask(attention_mask)  # [B, T]
+    cache_arg = {}
+    if kv_cache == "static":
+        cache_arg[cache_name] = PreallocatedKVCache(_num_text_layers(body), input_ids.shape[1] + num_tokens - 1)
     out = body(
         pixel_values=pixel_values,
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
+        **cache_arg,
     )
     cache = _cache_from(out)
     hidden = out.last_hidden_state[:, -1]  # [B, d]
     next_pos = position_ids[:, -1:] + 1  # [B, 1]
     mask = attention_mask
 
-    tokens, log_probs = [], []
+    drawn, log_probs = [], []
     for step in range(num_tokens):
-        logits = (hidden @ w_act.t()).float() / temperature  # [B, K]
+        logits = (hidden @ w_act.t()).to(_logit_dtype(hidden)) / temperature  # [B, K]
         logp = torch.log_softmax(logits, dim=-1)  # [B, K]
-        # Gumbel-max draw: argmax(logp + G) ~ Categorical(softmax(logp)); no host sync.
-        u = torch.rand(logp.shape, device=logp.device, generator=generator)
-        gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
-        idx = torch.argmax(logp + gumbel, dim=-1, keepdim=True)  # [B, 1]
-        tokens.append(ids_dev[idx])  # [B, 1]
+        if forced is None:
+            # Gumbel-max draw: argmax(logp + G) ~ Categorical(softmax(logp)); no host sync.
+            u = torch.rand(logp.shape, device=logp.device, generator=generator)
+            gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
+            idx = torch.argmax(logp + gumbel, dim=-1, keepdim=True)  # [B, 1]
+        else:
+            idx = forced[:, step : step + 1]
+        drawn.append(ids_dev[idx])  # [B, 1]
         log_probs.append(logp.gather(-1, idx))  # [B, 1]
         if step == num_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # [B, T + step + 1]
         out = body(
-            input_ids=tokens[-1],
+            input_ids=drawn[-1],
             attention_mask=mask,
             position_ids=next_pos,
             use_cache=True,
@@ -178,7 +277,7 @@ def sample_action_tokens(
         cache = _cache_from(out)
         hidden = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
-    return torch.cat(tokens, dim=1), torch.cat(log_probs, dim=1)
+    return torch.cat(drawn, dim=1), torch.cat(log_probs, dim=1)
 
 
 def action_token_log_probs(
@@ -199,8 +298,8 @@ def action_token_log_probs(
         action_token_ids: ``[K]``.
 
     Returns:
-        log_probs ``[B, num_tokens]`` (float32) of the given action tokens and the restricted,
-        tempered logits ``[B, num_tokens, K]`` (float32). Differentiable (call under
+        log_probs ``[B, num_tokens]`` (float32; float64 for a float64 model) of the given action
+        tokens and the restricted, tempered logits ``[B, num_tokens, K]`` (same dtype). Differentiable (call under
         ``torch.no_grad()`` for scoring only). Hidden states at positions
         ``-num_tokens-1 .. -2`` predict the action tokens, as OpenVLA's ``logits[:, -8:-1]``.
     """
@@ -216,7 +315,8 @@ def action_token_log_probs(
         use_cache=False,
     )
     hidden = out.last_hidden_state[:, -num_tokens - 1 : -1]  # [B, N, d]
-    logits = (hidden @ action_head_weight(model, action_token_ids).t()).float() / temperature  # [B, N, K]
+    w_act = action_head_weight(model, action_token_ids)  # [K, d]
+    logits = (hidden @ w_act.t()).to(_logit_dtype(hidden)) / temperature  # [B, N, K]
     index = tokens_to_action_index(input_ids_with_actions[:, -num_tokens:], action_token_ids)  # [B, N]
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)  # [B, N]
     return log_probs, logits
