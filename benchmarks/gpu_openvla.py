@@ -351,6 +351,22 @@ def check_against_reference(model, n_img, img, dtype, device, fused_ops):
     return res
 
 
+def count_host_syncs(fn) -> int | None:
+    """Number of host-device synchronisations `fn` triggers (CUDA only; torch's sync debug mode)."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def check_lora_fused(model, n_img, img, dtype, device):
     """Fused LoRA and peft's own forward/backward, each against a higher-precision peft reference.
 
@@ -462,6 +478,15 @@ def main(argv=None):
         bench.meta["compile_fallback"] = fused.get("error", checks["numerics"].get("error"))
     bench.meta["torch_compile"] = use_compile
     bench.meta["checks"] = checks
+    if device.type == "cuda":  # info: host syncs of one unpadded sampling call (the 6 decode steps should add none)
+        pix, ids, mask, _ = make_batch(4, n_img, img, device, dtype, with_actions=False, seed=3)
+        sample_action_tokens(model, pix, ids, mask, ACTION_IDS)
+        bench.meta["host_syncs_per_sample_call"] = {
+            kv: count_host_syncs(lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS, kv_cache=kv))
+            for kv in ("static", "dynamic")}
+        bench.meta["host_syncs_naive_generate"] = count_host_syncs(lambda: naive_generate(model, pix, ids, mask))
+        print("host syncs:", bench.meta["host_syncs_per_sample_call"], bench.meta["host_syncs_naive_generate"], flush=True)
+        del pix, ids, mask
     print("checks:", json.dumps(checks), flush=True)
 
     def batch_of(b, actions):
@@ -483,9 +508,9 @@ def main(argv=None):
         del pix, ids, mask
     b = sizes["sample"][-1]
     pix, ids, mask, _ = batch_of(b, False)
-    bench.measure("sample", "ours, DynamicCache (run-1 cache)", b,
+    bench.measure("sample", "ours, DynamicCache (attribution)", b,
                   lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, kv_cache="dynamic"), fwd,
-                  need_s=10 + b * 0.05 + RESERVE_TRAIN, warmup=1, iters=3, note="attribution: cache copy per step")
+                  need_s=10 + b * 0.05 + RESERVE_TRAIN, warmup=1, iters=3, note="same, but transformers DynamicCache (whole-cache cat per step)")
     del pix, ids, mask
     fused_ops(False)
 

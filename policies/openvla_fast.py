@@ -235,14 +235,19 @@ def sample_action_tokens(
     forced = None if tokens is None else tokens_to_action_index(tokens, action_token_ids)  # [B, N]
 
     position_ids = position_ids_from_mask(attention_mask)  # [B, T]
+    # Without padding, pass no mask and no positions (the model's defaults: causal, 0..T-1, then the
+    # cache length): transformers then needs no host read of the mask at each step (`mask.all()`),
+    # so the decode steps are queued while the GPU still runs the prefill. Same numerics: for an
+    # all-ones mask transformers drops the mask and uses SDPA's causal path anyway.
+    padded = not bool(attention_mask.all())
     cache_arg = {}
     if kv_cache == "static":
         cache_arg[cache_name] = PreallocatedKVCache(_num_text_layers(body), input_ids.shape[1] + num_tokens - 1)
     out = body(
         pixel_values=pixel_values,
         input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        attention_mask=attention_mask if padded else None,
+        position_ids=position_ids if padded else None,
         use_cache=True,
         **cache_arg,
     )
@@ -266,11 +271,12 @@ def sample_action_tokens(
         log_probs.append(logp.gather(-1, idx))  # [B, 1]
         if step == num_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # [B, T + step + 1]
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # [B, T + step + 1]
         out = body(
             input_ids=drawn[-1],
-            attention_mask=mask,
-            position_ids=next_pos,
+            attention_mask=mask if padded else None,
+            position_ids=next_pos if padded else None,
             use_cache=True,
             **{cache_name: cache},
         )
