@@ -527,15 +527,16 @@ def main(argv=None):
     model.zero_grad(set_to_none=True)
     gc.collect()
     opt = make_adamw(model.parameters(), lr=1e-7)
-    fused_ops(True)
-    if use_compile:
+    if use_compile:  # inductor fuses the element-wise ops inside the compiled layers itself (as in run 1)
         fk.compile_decoder_layers(model, True)
+    else:
+        fused_ops(True)
     for b in sizes["full"]:
         pix, ids, mask, adv = batch_of(b, True)
         rb = ReinforceBatch(pix, ids, mask, adv)
         bench.measure("full-FT", "ours + compiled decoder layers", b,
                       lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=30 + b * 0.3 + RESERVE_LORA,
-                      warmup=2, note="action head, fused ops, regional torch.compile fwd+bwd, fused AdamW, no ckpt")
+                      warmup=2, note="action head, regional torch.compile fwd+bwd, fused AdamW, no ckpt")
         del pix, ids, mask, adv, rb
     if not args.no_extras:  # + the vision tower's encoder layers compiled too
         b = sizes["full"][-1]
@@ -586,15 +587,16 @@ def main(argv=None):
         pmodel.zero_grad(set_to_none=True)
         n_fused = fk.fuse_lora_linears(pmodel)
         opt = make_adamw(pmodel.parameters(), lr=1e-5)
-        fused_ops(True)
         if use_compile:
             fk.compile_decoder_layers(pmodel, True)
+        else:
+            fused_ops(True)
         for b in sizes["lora"]:
             pix, ids, mask, adv = batch_of(b, True)
             rb = ReinforceBatch(pix, ids, mask, adv)
             bench.measure("LoRA", "ours + compiled decoder layers", b,
                           lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=25 + b * 0.2,
-                          warmup=2, note=f"{n_fused} fused LoRA linears (bf16 math, fp32 master), fused ops+AdamW")
+                          warmup=2, note=f"{n_fused} fused LoRA linears (bf16 math, fp32 master), compiled layers, fused AdamW")
             del pix, ids, mask, adv, rb
         fk.compile_decoder_layers(pmodel, False)
         fused_ops(False)
