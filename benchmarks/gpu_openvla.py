@@ -413,6 +413,16 @@ def check_lora_fused(model, n_img, img, dtype, device):
                peft_logp_err=_err(lp_p, lp_ref), fused_logp_err=_err(lp_f, lp_ref),
                peft_grad_rel_err=rel(g_p), fused_grad_rel_err=rel(g_f),
                fused_vs_peft_logp_max=float((lp_f - lp_p).abs().max()))
+    if device.type == "cuda":  # diagnosis (info only): the same fused path without bf16 reduced-precision
+        # split-K reductions, suspected for the skinny x·Aᵀ GEMM (K = 4096 or 11008, N = r) - run 2's gap
+        flags = torch.backends.cuda.matmul
+        prev = flags.allow_bf16_reduced_precision_reduction
+        flags.allow_bf16_reduced_precision_reduction = False
+        try:
+            lp_x, g_x = grads(model, pix)
+        finally:
+            flags.allow_bf16_reduced_precision_reduction = prev
+        res["fused_no_reduced_precision_reduction"] = dict(logp_err=_err(lp_x, lp_ref), grad_rel_err=rel(g_x))
     res["pass"] = bool(n > 0 and _no_farther(res["fused_logp_err"], res["peft_logp_err"], slack, eps_lp)
                        and res["fused_grad_rel_err"] <= slack * res["peft_grad_rel_err"] + eps_g)
     res["rule"] = f"fused <= {slack} x peft + eps vs {ref_dtype} reference"
