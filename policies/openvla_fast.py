@@ -1,0 +1,389 @@
+"""Fast action sampling, action log-probs and REINFORCE updates for Llava-style VLA policies.
+
+OpenVLA emits an action as ``num_tokens`` (7) tokens drawn from the last 256 ids of the Llama
+vocabulary (31744..31999). Everything a policy-gradient loop needs from the language model is
+therefore a distribution over those K = 256 ids at 7 positions, and the functions here never
+compute the full-vocabulary head:
+
+* :func:`sample_action_tokens` - one prefill of image + prompt, then ``num_tokens - 1`` cached
+  decode steps; the head is ``lm_head.weight[action_token_ids]`` ([K, d]) applied to one position.
+  The KV cache is pre-allocated for ``T + num_tokens - 1`` positions and written in place
+  (:class:`PreallocatedKVCache`), so a decode step does not re-concatenate the whole cache.
+* :func:`action_token_log_probs` - ONE teacher-forced forward over image + prompt + actions; the
+  head is applied only to the ``num_tokens`` positions that predict action tokens
+  (``hidden[:, -num_tokens-1:-1]``, i.e. OpenVLA's ``logits[:, -8:-1]`` restricted to K ids).
+* :func:`reinforce_loss` / :func:`reinforce_step` - ``loss = -mean_b(A_b * sum_t log pi(a_bt))``
+  (Williams 1992, REINFORCE), for full fine-tuning or adapters alike.
+
+The functions are model-agnostic over Hugging Face Llava-style models: the model must expose the
+multimodal body as ``model.model`` (returning ``last_hidden_state``) and the head through
+``get_output_embeddings()``; a peft ``PeftModel`` wrapper is unwrapped. Batches must be LEFT
+padded (padding on the left, action tokens last); positions are derived from the attention mask,
+as Hugging Face ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "PreallocatedKVCache",
+    "action_head_weight",
+    "action_token_log_probs",
+    "make_adamw",
+    "ReinforceBatch",
+    "position_ids_from_mask",
+    "reinforce_loss",
+    "reinforce_step",
+    "sample_action_tokens",
+    "tokens_to_action_index",
+]
+
+
+def _unwrap(model):
+    """Return the Hugging Face model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _body(model):
+    """The multimodal body (vision tower + projector + language model, no head)."""
+    inner = _unwrap(model)
+    body = getattr(inner, "model", None)
+    if body is None:
+        raise ValueError(f"{type(inner).__name__} has no `.model` body; expected a Llava-style model")
+    return body
+
+
+def _cache_kwarg(body) -> str:
+    """Name of the KV-cache argument: transformers >= 5.2x renamed `past_key_values` to `cache`."""
+    params = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_from(out):
+    cache = out.get("cache", None)
+    return cache if cache is not None else out.get("past_key_values", None)
+
+
+def _preallocated_layer_class():
+    """Build the layer class lazily: transformers is imported only when a cache is made."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A :class:`DynamicLayer` whose keys/values live in one buffer ``[B, H, max_len, D]``.
+
+        ``update`` copies the new states into the buffer in place and exposes ``buffer[:, :, :len]``
+        views as ``keys``/``values`` - the same tensors a ``DynamicLayer`` would hold, without the
+        ``torch.cat`` that copies the whole cache at every decode step. Everything else (mask sizes,
+        sequence length) is inherited, so the model builds exactly the masks it builds for a
+        ``DynamicCache``.
+        """
+
+        def __init__(self, max_len: int):
+            super().__init__()
+            self.max_len = int(max_len)
+            self.length = 0
+
+        def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+            b, h, _, d = key_states.shape
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._k = key_states.new_empty(b, h, self.max_len, d)
+            self._v = value_states.new_empty(b, value_states.shape[1], self.max_len, value_states.shape[-1])
+            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+            self.length = 0
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.max_len:
+                raise ValueError(f"PreallocatedKVCache overflow: {end} positions > max_len={self.max_len}")
+            self._k[:, :, self.length : end].copy_(key_states)
+            self._v[:, :, self.length : end].copy_(value_states)
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def reset(self) -> None:
+            self.length = 0
+            if self.is_initialized:
+                self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    return PreallocatedLayer
+
+
+def PreallocatedKVCache(num_layers: int, max_len: int):  # noqa: N802 (factory named like the class it makes)
+    """A transformers ``DynamicCache`` whose ``num_layers`` layers are pre-allocated for ``max_len``
+    positions (allocated at the first write, with the batch/head shapes of the prefill)."""
+    from transformers.cache_utils import DynamicCache
+
+    layer_cls = _preallocated_layer_class()
+    cache = DynamicCache()
+    cache.layers = [layer_cls(max_len) for _ in range(num_layers)]
+    return cache
+
+
+def _num_text_layers(body) -> int:
+    cfg = getattr(body, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "num_hidden_layers", None)
+    if n is None:
+        raise ValueError("cannot find num_hidden_layers on the model config; pass kv_cache='dynamic'")
+    return int(n)
+
+
+def action_head_weight(model, action_token_ids: torch.Tensor) -> torch.Tensor:
+    """Rows of the output embedding for the action ids: ``[K, d]`` (autograd flows into the head)."""
+    head = _unwrap(model).get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("output head with a bias is not supported (Llama's lm_head has none)")
+    return head.weight[action_token_ids.to(head.weight.device)]
+
+
+def _logit_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bf16/fp32 models; float64 for a float64 (reference) model."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions for a left-padded batch: ``[B, T]``, 0 at the first real token (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def tokens_to_action_index(tokens: torch.Tensor, action_token_ids: torch.Tensor) -> torch.Tensor:
+    """Map vocabulary ids ``[...]`` to indices in ``action_token_ids`` ``[...]`` (0..K-1).
+
+    Raises ValueError when a token is not an action id (this reads back one bool from the device).
+    """
+    match = tokens.unsqueeze(-1) == action_token_ids.to(tokens.device)  # [..., K]
+    if not bool(match.any(-1).all()):
+        bad = tokens[~match.any(-1)][:5].tolist()
+        raise ValueError(f"tokens {bad} are not among the {action_token_ids.numel()} action token ids")
+    return match.int().argmax(-1)
+
+
+def _check_batch(input_ids, attention_mask, pixel_values):
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+            "must both be [B, T]"
+        )
+    if pixel_values.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"pixel_values batch {pixel_values.shape[0]} != input_ids batch {input_ids.shape[0]}")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("batch must be left padded: attention_mask[:, -1] has zeros")
+
+
+@torch.no_grad()
+def sample_action_tokens(
+    model,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    action_token_ids: torch.Tensor,
+    num_tokens: int = 7,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    kv_cache: str = "static",
+    tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``num_tokens`` action tokens per row, restricted to ``action_token_ids``.
+
+    Args:
+        pixel_values: ``[B, C, H, W]`` images.
+        input_ids: ``[B, T]`` left-padded prompt (image placeholders + text), no action tokens.
+        attention_mask: ``[B, T]``, 1 for real tokens.
+        action_token_ids: ``[K]`` vocabulary ids of the action bins (OpenVLA: 31744..31999).
+        temperature: logits are divided by it before sampling; > 0.
+        generator: optional ``torch.Generator`` on the model's device, for reproducible draws.
+        kv_cache: ``"static"`` (default) - a cache pre-allocated for ``T + num_tokens - 1`` positions
+            and written in place; ``"dynamic"`` - transformers' ``DynamicCache`` (concatenates the
+            whole cache at every step; kept for comparison).
+        tokens: optional ``[B, num_tokens]`` action ids to score instead of drawing (the same
+            prefill + decode computation; used to compare numerics on fixed tokens).
+
+    Returns:
+        tokens ``[B, num_tokens]`` (vocabulary ids, all in ``action_token_ids``) and their
+        log-probabilities ``[B, num_tokens]`` (float32; float64 for a float64 model) under the tempered, action-restricted
+        distribution - the same quantity :func:`action_token_log_probs` recomputes.
+
+    Cost: one prefill of T tokens plus ``num_tokens - 1`` decode steps of one token; the head is
+    a ``[B, d] x [d, K]`` product per step instead of ``[B, T, d] x [d, V]``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kv_cache not in ("static", "dynamic"):
+        raise ValueError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
+    _check_batch(input_ids, attention_mask, pixel_values)
+    if tokens is not None and tuple(tokens.shape) != (input_ids.shape[0], num_tokens):
+        raise ValueError(f"tokens {tuple(tokens.shape)} must be [B, num_tokens] = [{input_ids.shape[0]}, {num_tokens}]")
+    body = _body(model)
+    cache_name = _cache_kwarg(body)
+    w_act = action_head_weight(model, action_token_ids)  # [K, d]
+    ids_dev = action_token_ids.to(input_ids.device)
+    batch = input_ids.shape[0]
+
+    forced = None if tokens is None else tokens_to_action_index(tokens, action_token_ids)  # [B, N]
+
+    position_ids = position_ids_from_mask(attention_mask)  # [B, T]
+    # Without padding, pass no mask and no positions (the model's defaults: causal, 0..T-1, then the
+    # cache length): transformers then needs no host read of the mask at each step (`mask.all()`),
+    # so the decode steps are queued while the GPU still runs the prefill. Same numerics: for an
+    # all-ones mask transformers drops the mask and uses SDPA's causal path anyway.
+    padded = not bool(attention_mask.all())
+    cache_arg = {}
+    if kv_cache == "static":
+        cache_arg[cache_name] = PreallocatedKVCache(_num_text_layers(body), input_ids.shape[1] + num_tokens - 1)
+    out = body(
+        pixel_values=pixel_values,
+        input_ids=input_ids,
+        attention_mask=attention_mask if padded else None,
+        position_ids=position_ids if padded else None,
+        use_cache=True,
+        **cache_arg,
+    )
+    cache = _cache_from(out)
+    hidden = out.last_hidden_state[:, -1]  # [B, d]
+    next_pos = position_ids[:, -1:] + 1  # [B, 1]
+    mask = attention_mask
+
+    drawn, log_probs = [], []
+    for step in range(num_tokens):
+        logits = (hidden @ w_act.t()).to(_logit_dtype(hidden)) / temperature  # [B, K]
+        logp = torch.log_softmax(logits, dim=-1)  # [B, K]
+        if forced is None:
+            # Gumbel-max draw: argmax(logp + G) ~ Categorical(softmax(logp)); no host sync.
+            u = torch.rand(logp.shape, device=logp.device, generator=generator)
+            gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
+            idx = torch.argmax(logp + gumbel, dim=-1, keepdim=True)  # [B, 1]
+        else:
+            idx = forced[:, step : step + 1]
+        drawn.append(ids_dev[idx])  # [B, 1]
+        log_probs.append(logp.gather(-1, idx))  # [B, 1]
+        if step == num_tokens - 1:
+            break
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # [B, T + step + 1]
+        out = body(
+            input_ids=drawn[-1],
+            attention_mask=mask if padded else None,
+            position_ids=next_pos if padded else None,
+            use_cache=True,
+            **{cache_name: cache},
+        )
+        cache = _cache_from(out)
+        hidden = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+    return torch.cat(drawn, dim=1), torch.cat(log_probs, dim=1)
+
+
+def action_token_log_probs(
+    model,
+    pixel_values: torch.Tensor,
+    input_ids_with_actions: torch.Tensor,
+    attention_mask: torch.Tensor,
+    action_token_ids: torch.Tensor,
+    num_tokens: int = 7,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the last ``num_tokens`` tokens from ONE teacher-forced forward.
+
+    Args:
+        pixel_values: ``[B, C, H, W]``.
+        input_ids_with_actions: ``[B, T]`` left-padded prompt followed by ``num_tokens`` action ids.
+        attention_mask: ``[B, T]``.
+        action_token_ids: ``[K]``.
+
+    Returns:
+        log_probs ``[B, num_tokens]`` (float32; float64 for a float64 model) of the given action
+        tokens and the restricted, tempered logits ``[B, num_tokens, K]`` (same dtype). Differentiable (call under
+        ``torch.no_grad()`` for scoring only). Hidden states at positions
+        ``-num_tokens-1 .. -2`` predict the action tokens, as OpenVLA's ``logits[:, -8:-1]``.
+    """
+    _check_batch(input_ids_with_actions, attention_mask, pixel_values)
+    if input_ids_with_actions.shape[1] <= num_tokens:
+        raise ValueError(f"sequence length {input_ids_with_actions.shape[1]} must exceed num_tokens={num_tokens}")
+    body = _body(model)
+    out = body(
+        pixel_values=pixel_values,
+        input_ids=input_ids_with_actions,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, -num_tokens - 1 : -1]  # [B, N, d]
+    w_act = action_head_weight(model, action_token_ids)  # [K, d]
+    logits = (hidden @ w_act.t()).to(_logit_dtype(hidden)) / temperature  # [B, N, K]
+    index = tokens_to_action_index(input_ids_with_actions[:, -num_tokens:], action_token_ids)  # [B, N]
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)  # [B, N]
+    return log_probs, logits
+
+
+def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE surrogate ``-mean_b(A_b * sum_t log pi(a_bt))`` (Williams 1992, eq. 11).
+
+    Args:
+        log_probs: ``[B, N]`` log-probs of the taken action tokens.
+        advantages: ``[B]`` (treated as constants).
+
+    Returns:
+        scalar loss and float stats (``reinforce/loss``, ``reinforce/logp_mean``).
+    """
+    if log_probs.dim() != 2 or advantages.shape != log_probs.shape[:1]:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} must be [B, N] and advantages {tuple(advantages.shape)} [B]")
+    seq_logp = log_probs.sum(-1)  # [B]
+    loss = -(advantages.detach().to(seq_logp.dtype) * seq_logp).mean()
+    return loss, {"reinforce/loss": loss.detach(), "reinforce/logp_mean": seq_logp.detach().mean()}
+
+
+@dataclass
+class ReinforceBatch:
+    """One update's data: ``pixel_values [B,C,H,W]``, ``input_ids [B,T]`` (prompt + action
+    tokens, left padded), ``attention_mask [B,T]``, ``advantages [B]``."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    advantages: torch.Tensor
+
+
+def reinforce_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    batch: ReinforceBatch,
+    action_token_ids: torch.Tensor,
+    num_tokens: int = 7,
+) -> dict[str, torch.Tensor]:
+    """One REINFORCE update: zero grads, teacher-forced log-probs, loss, backward, optimizer step.
+
+    Works for full fine-tuning and for adapters: only parameters in ``optimizer`` move. Returns
+    detached stats (device tensors; no host sync).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    log_probs, _ = action_token_log_probs(
+        model, batch.pixel_values, batch.input_ids, batch.attention_mask, action_token_ids, num_tokens
+    )
+    loss, stats = reinforce_loss(log_probs, batch.advantages)
+    loss.backward()
+    optimizer.step()
+    return stats
+
+
+def make_adamw(params, lr: float = 1e-5, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW with the fused (single multi-tensor kernel) implementation where the device has it."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (all have requires_grad=False)")
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # device without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
