@@ -9,7 +9,7 @@ export PYTHON
 if [ -z "${VLA_RAZOR_KEEP_TORCH:-}" ]; then
   "$PYTHON" -m pip install -q "torch==2.13.*"
 fi
-"$PYTHON" -m pip install -q -e ".[vla,sim,test]"
+"$PYTHON" -m pip install -q -e ".[vla,sim,lora,test]"
 # ManiSkill3/SAPIEN needs a Vulkan device even on CPU; this installs Mesa from Debian backports if none works.
 if [ "$(id -u)" -eq 0 ]; then
   bash scripts/setup_vulkan.sh
