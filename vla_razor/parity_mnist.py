@@ -205,10 +205,12 @@ def build_base_reference(base: StackedMLP, data: ParityMNISTData, cfg: EvalConfi
 @torch.no_grad()
 def evaluate_stack(model: StackedMLP, base: BaseReference, data: ParityMNISTData, cfg: EvalConfig) -> list[dict]:
     """One results row per run: scores, forgetting and every forgetting predictor of PROTOCOL's Table 1."""
-    logits = model.logits(data.new_eval_inputs)                                               # [R, N, 1, 10]
+    # one forward over the new-task inputs gives the logits and, on its first P rows, the probe activations
+    logits, hidden_layers = model.forward_with_hidden(data.new_eval_inputs)
+    logits = logits.unsqueeze(-2)                                                             # [R, N, 1, 10]
+    hidden = torch.cat(hidden_layers, dim=-1)[:, :cfg.probe_size]                            # [R, P, 768]
     new_expected, new_greedy, prior = task_scores(model, data, logits)
     divergences = policy_divergences(base.new_logits.expand_as(logits), logits)              # each [R]
-    hidden = model.hidden_activations(data.new_eval_inputs[:cfg.probe_size])                 # [R, P, 768]
     rows = []
     for run in range(model.num_members):
         tuned = model.member_state(run)
