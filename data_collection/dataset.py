@@ -193,7 +193,14 @@ def load_shard(root: Path, cell: int) -> TensorDict:
     """One cell's shard (memory-mapped), validated; DatasetError naming the shard if it is corrupt."""
     path = Path(root) / SHARDS / shard_name(cell)
     try:
+        # load_memmap silently zero-extends a truncated .memmap file, so sizes are taken beforehand.
+        sizes = {str(p): p.stat().st_size for p in path.rglob("*.memmap")}
         td = TensorDict.load_memmap(path)
+        for key, tensor in td.items(include_nested=True, leaves_only=True):
+            expected = tensor.numel() * tensor.element_size()
+            if sizes.get(str(Path(tensor.filename))) != expected:
+                raise ValueError(f"{_key_name(key)}: file {tensor.filename} held "
+                                 f"{sizes.get(str(Path(tensor.filename)))} bytes, its shape needs {expected}")
         steps, eps = td["steps"], td["episodes"]
         for key in STEP_KEYS:
             steps.get(key)
