@@ -198,11 +198,14 @@ def load_shard(root: Path, cell: int) -> TensorDict:
         td = TensorDict.load_memmap(path)
         for key, tensor in td.items(include_nested=True, leaves_only=True):
             expected = tensor.numel() * tensor.element_size()
+            if expected == 0:  # empty tensors are stored without a file
+                continue
             if sizes.get(str(Path(tensor.filename))) != expected:
                 raise ValueError(f"{_key_name(key)}: file {tensor.filename} held "
                                  f"{sizes.get(str(Path(tensor.filename)))} bytes, its shape needs {expected}")
         steps, eps = td["steps"], td["episodes"]
-        for key in STEP_KEYS:
+        # A cell whose every attempt failed has a shard with no episodes (and no per-step fields).
+        for key in STEP_KEYS if eps.batch_size[0] else ("episode", "step"):
             steps.get(key)
         for key in EPISODE_KEYS:
             eps.get(key)

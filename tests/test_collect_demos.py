@@ -93,6 +93,15 @@ def test_a_shard_is_written_once_and_temporary_folders_are_not_shards(fake_datas
     assert remove_partial_shards(root) == 1 and not partial.exists()
 
 
+def test_a_cell_where_every_attempt_failed_is_an_empty_shard(fake_dataset):
+    root, _ = fake_dataset
+    write_shard(root, 1, [], attempts=10)
+    data = DemoDataset(root)
+    assert data.cells == [0, 1, 2] and data.shard(1)["episodes"].batch_size == (0,)
+    summary = data.summary()
+    assert (summary["episodes"], summary["attempts"], summary["min_per_cell"]) == (4, 16, 0)
+
+
 def test_foreign_and_missing_folders_give_clear_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         DemoDataset(tmp_path / "nope")
