@@ -13,9 +13,8 @@ only the missing cells (a killed run loses at most the cells in progress, never 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -108,7 +107,7 @@ def build_metadata(cfg: CollectDemosConfig) -> dict:
         "per_cell": cfg.per_cell,
         "max_failures_per_cell": cfg.max_failures_per_cell,
         "seed": cfg.seed,
-        "seed_rule": "reset seed = (seed * 1000 + cell) * 10000 + attempt",
+        "seed_rule": f"reset seed = (seed * {MAX_CELLS} + cell) * {MAX_ATTEMPTS_PER_CELL} + attempt",
         "tokenizer": {"name": "openvla_vocab_tail", "num_bins": tok.num_bins, "ids": "window",
                       "full_vocab_size": tok.full_vocab_size, "action_low": -1.0, "action_high": 1.0},
         "state_layout": [list(item) for item in STATE_LAYOUT],
@@ -137,7 +136,6 @@ def run(cfg: CollectDemosConfig) -> dict:
     if (root / "metadata.json").exists():
         existing = read_metadata(root)
         check_same_dataset(root, existing, wanted)
-        wanted = {**existing, **wanted}
     elif root.exists() and any(not p.name.startswith(".") for p in root.iterdir()):  # Hydra logs are hidden
         raise DatasetError(f"{root} is not empty and holds no metadata.json: not a vla-razor demos dataset; "
                            f"choose an empty or new out_dir")
