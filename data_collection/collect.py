@@ -90,13 +90,15 @@ def collect_cells(spec: WorkerSpec, cells: list[int], report: Callable[[tuple], 
     from policies.experts import make_expert
     from vla_razor.action_tokens import make_action_tokenizer
 
-    if not cells:
-        return
-    env = make_task(spec.task, image_size=spec.image_size, max_episode_steps=spec.max_episode_steps)
     expert = make_expert(spec.task)
     tokenizer = make_action_tokenizer()  # window ids in [0, 256)
-    try:
-        for cell in cells:
+    for cell in cells:
+        # A fresh env per cell: the CPU sim carries sub-millimetre state across resets (measured:
+        # the same seed after other episodes drifts ~0.5 mm and can change the length by a step), so
+        # only a fresh env makes a cell's shard independent of which cells ran before it (worker
+        # split, resume). Costs one 0.3-0.5 s make per cell after the process's first.
+        env = make_task(spec.task, image_size=spec.image_size, max_episode_steps=spec.max_episode_steps)
+        try:
             kept: list[Episode] = []
             attempt = failures = 0
             while len(kept) < spec.per_cell and failures < spec.max_failures_per_cell:
@@ -113,8 +115,8 @@ def collect_cells(spec: WorkerSpec, cells: list[int], report: Callable[[tuple], 
                             failures)
             write_shard(Path(spec.root), cell, kept, attempt)
             report(("cell", cell, len(kept), attempt))
-    finally:
-        env.close()
+        finally:
+            env.close()
 
 
 def _worker_main(spec: WorkerSpec, cells: list[int], events) -> None:
