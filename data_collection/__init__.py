@@ -1,0 +1,1 @@
+"""Expert demonstration datasets: collection over placement grids (`collect`), storage (`dataset`), videos."""
