@@ -249,8 +249,10 @@ def test_killed_collection_resumes_to_exactly_the_expected_episodes_with_video(s
     assert again.returncode == 0 and "4/4 cells already collected, 0 to go" in again.stdout + again.stderr
     assert DemoDataset(out).episode_keys() == keys
 
-    # An uninterrupted run writes the very same bytes: a resume neither loses nor changes an episode.
-    reference = cli(*[a for a in args if not a.startswith("out_dir=")], f"out_dir={tmp_path / 'reference'}")
+    # An uninterrupted run writes the very same bytes -- a resume neither loses nor changes an episode -- and so
+    # does one split over two worker processes (each cell's episodes depend on its seeds alone).
+    reference = cli(*[a for a in args if not a.startswith("out_dir=")], f"out_dir={tmp_path / 'reference'}",
+                    "num_workers=2")
     assert reference.returncode == 0, reference.stderr[-3000:]
     ref = DemoDataset(tmp_path / "reference")
     for cell in range(4):
