@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vla_razor.policy import token_log_probs
+
 __all__ = [
     "PreallocatedKVCache",
     "action_head_weight",
@@ -324,7 +326,7 @@ def action_token_log_probs(
     w_act = action_head_weight(model, action_token_ids)  # [K, d]
     logits = (hidden @ w_act.t()).to(_logit_dtype(hidden)) / temperature  # [B, N, K]
     index = tokens_to_action_index(input_ids_with_actions[:, -num_tokens:], action_token_ids)  # [B, N]
-    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)  # [B, N]
+    log_probs = token_log_probs(logits, index)  # [B, N]
     return log_probs, logits
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from vla_razor.policy import at_least_float32
 from vla_razor.reductions import masked_mean, masked_sum
 
 
@@ -24,7 +25,7 @@ def _check_pair(base_logits: torch.Tensor, policy_logits: torch.Tensor) -> None:
 
 def _log_probs(base_logits, policy_logits):
     _check_pair(base_logits, policy_logits)
-    return torch.log_softmax(base_logits.float(), -1), torch.log_softmax(policy_logits.float(), -1)
+    return torch.log_softmax(at_least_float32(base_logits), -1), torch.log_softmax(at_least_float32(policy_logits), -1)
 
 
 def kl_base_to_policy_per_position(base_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ def kl_base_to_policy_mc(policy_log_probs: torch.Tensor, base_log_probs: torch.T
     """
     if policy_log_probs.shape != base_log_probs.shape:
         raise ValueError(f"policy log-probs {tuple(policy_log_probs.shape)} != base {tuple(base_log_probs.shape)}")
-    log_ratio = base_log_probs.float() - policy_log_probs.float()
+    log_ratio = at_least_float32(base_log_probs) - at_least_float32(policy_log_probs)
     return average_over_inputs(log_ratio.exp() * log_ratio, mask)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from vla_razor.policy import at_least_float32
+
 
 def oracle_distribution(base_logits: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     """pi_0 restricted to correct tokens, renormalized. ``base_logits: [..., K]``, ``correct: [..., K]`` bool.
@@ -25,7 +27,5 @@ def oracle_distribution(base_logits: torch.Tensor, correct: torch.Tensor) -> tor
     correct = correct.to(torch.bool)
     if not correct.any(-1).all():
         raise ValueError("every input needs at least one correct token; the I-projection is undefined otherwise")
-    # at least float32 (bf16 logits lose the small probabilities), float64 kept when given
-    restricted = base_logits.to(torch.promote_types(base_logits.dtype, torch.float32))
-    restricted = restricted.masked_fill(~correct, float("-inf"))
+    restricted = at_least_float32(base_logits).masked_fill(~correct, float("-inf"))
     return torch.softmax(restricted, dim=-1)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from envs.parity_mnist import ParityMNISTData, parity_correct_mask, parity_reward, random_same_parity_labels
 from policies.mlp import StackedMLP, single_member_logits
 from vla_razor import predictors
-from vla_razor.divergences import kl_base_to_policy_per_position, kl_policy_to_base_per_position, policy_divergences
+from vla_razor.divergences import average_over_inputs, kl_base_to_policy_per_position, kl_policy_to_base_per_position, policy_divergences
 from vla_razor.objectives import get_objective
 from vla_razor.optim import StackedAdamW, lr_multiplier
 from vla_razor.oracle import oracle_distribution
@@ -305,5 +305,4 @@ def train_group(name: str, method: MethodConfig, epochs: int, base: BaseReferenc
 
 def _probe_kl(model: StackedMLP, probe: torch.Tensor, base_probe_logits: torch.Tensor) -> torch.Tensor:
     logits = model.logits(probe)                                                              # [R, P, 1, 10]
-    per_position = kl_base_to_policy_per_position(base_probe_logits.expand_as(logits), logits)
-    return per_position.sum(-1).mean(-1)                                                      # [R]
+    return average_over_inputs(kl_base_to_policy_per_position(base_probe_logits.expand_as(logits), logits))  # [R]

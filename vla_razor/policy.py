@@ -14,6 +14,11 @@ import torch
 from tensordict import TensorDictBase
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits -> float32 (small probabilities vanish in half precision); float32/float64 kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _check_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"tokens shape {tuple(tokens.shape)} must equal logits shape {tuple(logits.shape)} "
@@ -23,12 +28,12 @@ def _check_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log pi(token) per position. ``logits: [..., T, K]``, ``tokens: [..., T]`` (long) -> ``[..., T]``."""
     _check_tokens(logits, tokens)
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy per position in nats. ``logits: [..., T, K]`` -> ``[..., T]``."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_p = torch.log_softmax(at_least_float32(logits), dim=-1)
     return -(log_p.exp() * log_p).sum(-1)
 
 
