@@ -126,7 +126,7 @@ class SimplerObservation(TaskObservation):
 
             self.overhead_rgb = np.asarray(obs["image"][OVERHEAD_CAMERA]["rgb"], dtype=np.uint8)
             size = (self.image_size, self.image_size)
-            out["image"] = np.asarray(Image.fromarray(self.overhead_rgb).resize(size, Image.Resampling.BOX))
+            out["image"] = np.array(Image.fromarray(self.overhead_rgb).resize(size, Image.Resampling.BOX))
         return out
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
