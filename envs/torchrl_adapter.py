@@ -22,7 +22,7 @@ from envs.registry import make_task
 
 
 class ManiSkillVLAEnv(EnvBase):
-    """One CPU ManiSkill3 task (`envs.make_task`) as a torchrl env; batch size ().
+    """One task env (`envs.make_task`: embedded ManiSkill3 or SimplerEnv) as a torchrl env; batch size ().
 
     Args:
         task: a task name (envs.known_tasks()).
