@@ -6,6 +6,7 @@ Mirrors `envs/sapien_env.py` (BaseEnv kwargs, obs modes, reset seeding, terminat
 instructions) and `utils/registration.py` (gymnasium registration, "rgbd" wrapper, TimeLimit).
 """
 
+import os
 from collections import OrderedDict
 from functools import partial
 
@@ -34,7 +35,7 @@ class FakeSceneEnv(gym.Env):
                  asset_root=None, scene_root=None, scene_name=None, scene_offset=None, scene_pose=None,
                  scene_table_height=TABLE_HEIGHT, model_json=None, model_ids=(), model_db_override=None,
                  urdf_version=""):
-        if rgb_overlay_path is not None and not __import__("os").path.exists(rgb_overlay_path):
+        if rgb_overlay_path is not None and not os.path.exists(rgb_overlay_path):
             raise FileNotFoundError(f"rgb_overlay_path {rgb_overlay_path} is not found.")
         if obs_mode is None:
             obs_mode = self.SUPPORTED_OBS_MODES[0]
