@@ -1,4 +1,4 @@
-"""Roll a scripted expert over a placement grid and record successful episodes, one shard per cell.
+"""Roll an expert (scripted, or RT-1 in SimplerEnv tasks) over a placement grid and record successful episodes, one shard per cell.
 
 `collect_cells` is the worker loop (one env per process); `run_workers` runs it in-process for one
 worker, or in `num_workers` spawned processes that each take a disjoint set of cells and write their
@@ -17,7 +17,7 @@ import queue
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,9 @@ class WorkerSpec:
     max_failures_per_cell: int  # give up on a cell after this many failed attempts
     seed: int
     max_episode_steps: int | None = None
+    expert: str = "scripted"  # "scripted" (embedded tasks) | "rt1" (SimplerEnv tasks)
+    rt1_checkpoint: str | None = None
+    env_kwargs: dict = field(default_factory=dict)  # extra make_task kwargs (e.g. shader for SimplerEnv)
 
 
 def episode_seed(seed: int, cell: int, attempt: int) -> int:
@@ -56,8 +59,9 @@ def episode_seed(seed: int, cell: int, attempt: int) -> int:
 def record_episode(env, expert, tokenizer, cell: int, xy, seed: int, attempt: int) -> Episode:
     """Run `expert` in `env` from placement `xy` with reset seed `seed`, recording every step.
 
-    Step t stores the observation the expert acted on and its action (so T observations, T actions;
-    the observation after the last action is not kept).
+    Step t stores the observation the expert acted on and its env action (so T observations, T actions;
+    the observation after the last action is not kept). Tokens encode the *policy* actions
+    (`env.to_policy_actions`: the same for embedded tasks, OpenVLA's fractal labels for SimplerEnv).
     """
     obs, info = env.reset(seed=seed, options={"obj_init_xy": [float(v) for v in xy]})
     expert.reset(env)
@@ -74,10 +78,21 @@ def record_episode(env, expert, tokenizer, cell: int, xy, seed: int, attempt: in
     return Episode(
         cell=cell, x=float(xy[0]), y=float(xy[1]), seed=seed, attempt=attempt, success=bool(info["success"]),
         images=torch.from_numpy(np.stack(images)),  # [T, H, W, 3]
-        states=torch.from_numpy(np.stack(states)),  # [T, 19]
+        states=torch.from_numpy(np.stack(states)),  # [T, D] (the task's state layout)
         actions=actions_t,
-        tokens=tokenizer.encode(actions_t).to(torch.int64),  # [T, 7] window ids
+        tokens=tokenizer.encode(torch.from_numpy(env.to_policy_actions(actions_t.numpy()))).to(torch.int64),  # [T, 7]
     )
+
+
+def build_expert(spec: WorkerSpec):
+    """The expert a worker rolls: the task's scripted one, or RT-1 from `spec.rt1_checkpoint`."""
+    if spec.expert == "rt1":
+        from policies.rt1_expert import RT1Expert
+
+        return RT1Expert(spec.rt1_checkpoint)
+    from policies.experts import make_expert
+
+    return make_expert(spec.task)
 
 
 def collect_cells(spec: WorkerSpec, cells: list[int], report: Callable[[tuple], None]) -> None:
@@ -87,17 +102,17 @@ def collect_cells(spec: WorkerSpec, cells: list[int], report: Callable[[tuple], 
     attempts) after every shard.
     """
     from envs import make_task
-    from policies.experts import make_expert
     from vla_razor.action_tokens import make_action_tokenizer
 
-    expert = make_expert(spec.task)
+    expert = build_expert(spec)
     tokenizer = make_action_tokenizer()  # window ids in [0, 256)
     for cell in cells:
         # A fresh env per cell: the CPU sim carries sub-millimetre state across resets (measured:
         # the same seed after other episodes drifts ~0.5 mm and can change the length by a step), so
         # only a fresh env makes a cell's shard independent of which cells ran before it (worker
         # split, resume). Costs one 0.3-0.5 s make per cell after the process's first.
-        env = make_task(spec.task, image_size=spec.image_size, max_episode_steps=spec.max_episode_steps)
+        env = make_task(spec.task, image_size=spec.image_size, max_episode_steps=spec.max_episode_steps,
+                        **spec.env_kwargs)
         try:
             kept: list[Episode] = []
             attempt = failures = 0

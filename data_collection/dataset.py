@@ -9,9 +9,9 @@ Layout of a dataset folder::
 A shard holds ``steps`` (batch [N] over all steps of its episodes, in episode order)::
 
     ("observation", "image")  uint8   [N, H, W, 3]   image seen before the step's action
-    ("observation", "state")  float32 [N, 19]        envs.STATE_LAYOUT
-    "action"                  float32 [N, 7]         pd_ee_delta_pose action in [-1, 1]
-    ("vla_action", "tokens")  int64   [N, 7]         window ids in [0, 256) of the shared tokenizer
+    ("observation", "state")  float32 [N, D]         envs.state_layout(task): 19 embedded, 18 SimplerEnv
+    "action"                  float32 [N, 7]         the expert's env action (metadata "action" says which)
+    ("vla_action", "tokens")  int64   [N, 7]         window ids in [0, 256) of the policy action (metadata "tokens")
     "episode"                 int64   [N]            row of the episode in this shard's `episodes`
     "step"                    int64   [N]            time index within the episode
 
@@ -60,7 +60,7 @@ class Episode:
     attempt: int
     success: bool
     images: torch.Tensor  # uint8 [T, H, W, 3]
-    states: torch.Tensor  # float32 [T, 19]
+    states: torch.Tensor  # float32 [T, D] (the task's state layout)
     actions: torch.Tensor  # float32 [T, 7]
     tokens: torch.Tensor  # int64 [T, 7]
 

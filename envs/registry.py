@@ -1,7 +1,9 @@
-"""Task names → ManiSkill3 env ids, and `make_task`, the one way callers build a task env.
+"""Task names → env ids, and `make_task`, the one way callers build a task env.
 
-Simulator (and gymnasium) imports happen inside the functions, so `import envs` stays cheap and
-works without mani_skill installed.
+Two families share one interface: the embedded ManiSkill3 tasks (`TASKS`) and SimplerEnv's
+Google-robot tasks (`envs.simpler.SIMPLER_TASKS`, names starting with "simpler_"). Simulator (and
+gymnasium) imports happen inside the functions, so `import envs` stays cheap and works without
+mani_skill or SimplerEnv installed.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from envs import simpler
+
 if TYPE_CHECKING:
-    from envs.observation import VlaObservation
+    from envs.observation import TaskObservation
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,20 @@ STATE_LAYOUT: tuple[tuple[str, int], ...] = (
 STATE_DIM = sum(size for _, size in STATE_LAYOUT)
 
 
+def known_tasks() -> list[str]:
+    """Every task name `make_task` accepts: the embedded tasks, then SimplerEnv's."""
+    return sorted(TASKS) + list(simpler.SIMPLER_TASKS)
+
+
+def is_simpler_task(name: str) -> bool:
+    return name in simpler.SIMPLER_TASKS
+
+
 def task_spec(name: str) -> TaskSpec:
+    """Spec of an embedded (ManiSkill3) task."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        hint = " (a SimplerEnv task: it has no ManiSkill3 spec)" if is_simpler_task(name) else ""
+        raise ValueError(f"unknown task {name!r}{hint}; known tasks: {', '.join(known_tasks())}")
     return TASKS[name]
 
 
@@ -55,8 +70,25 @@ def task_class(name: str):
     return getattr(importlib.import_module(spec.module), spec.env_class)
 
 
+def state_layout(name: str) -> tuple[tuple[str, int], ...]:
+    """Layout of the task's obs["state"]."""
+    if is_simpler_task(name):
+        return simpler.SIMPLER_STATE_LAYOUT
+    task_spec(name)
+    return STATE_LAYOUT
+
+
+def task_instruction(name: str) -> str | None:
+    """The task's language instruction; None when it is drawn per episode (generic SimplerEnv drawers)."""
+    if is_simpler_task(name):
+        return simpler.simpler_task(name).instruction
+    return task_class(name).instruction
+
+
 def placement_box(name: str) -> tuple[tuple[float, float], tuple[float, float]]:
     """Default (x_range, y_range) of the task's object (can or cabinet), world metres."""
+    if is_simpler_task(name):
+        return simpler.placement_box(name)
     spec = task_spec(name)
     cls = task_class(name)
     return tuple(getattr(cls, spec.x_range_attr)), tuple(getattr(cls, spec.y_range_attr))
@@ -68,8 +100,11 @@ def make_task(
     render_images: bool = True,
     max_episode_steps: int | None = None,
     **env_kwargs,
-) -> VlaObservation:
-    """One CPU env of task `name` ("pick_can" | "open_drawer" | "close_drawer").
+) -> TaskObservation:
+    """One CPU env of task `name` (see `known_tasks()`).
+
+    SimplerEnv tasks ("simpler_*") are built by `envs.simpler.make_simpler_task` (their extra kwargs:
+    shader, urdf_version, station; actions in SimplerEnv's convention). For the embedded tasks:
 
     Action: 7-D pd_ee_delta_pose ([-1, 1]^7: xyz × 0.1 m, rotation × 0.1 rad, gripper +1 open /
     −1 closed). Reward: success as 0/1. Episodes terminate on success and truncate at the task's
@@ -77,6 +112,9 @@ def make_task(
     `reset(seed=s, options={"obj_init_xy": [x, y]})`. Raises VulkanUnavailableError when SAPIEN
     has no usable Vulkan device.
     """
+    if is_simpler_task(name):
+        return simpler.make_simpler_task(name, image_size=image_size, render_images=render_images,
+                                         max_episode_steps=max_episode_steps, **env_kwargs)
     spec = task_spec(name)
     import gymnasium as gym
 

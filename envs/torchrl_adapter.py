@@ -1,8 +1,9 @@
 """TorchRL EnvBase over one vla-razor task, in torchrl's VLA TensorDict schema.
 
 Keys (torchrl.data.vla): ("observation", "image") uint8 [3, H, W] (CHW, like torchrl's LIBERO
-adapter), ("observation", "state") float32 [19] (envs.STATE_LAYOUT), "language_instruction" a
-NonTensor string at the root, "success" bool [1], "action" float32 [7] in [-1, 1], reward = success
+adapter), ("observation", "state") float32 [D] (the task's layout: envs.state_layout), "language_instruction"
+a NonTensor string at the root, "success" bool [1], "action" float32 [7] in [-1, 1] (a policy action: the
+task's converter maps it to its env action, e.g. SimplerEnv's un-normalized axis-angle one), reward = success
 as float [1]. Episodes terminate on success and truncate at the task's step limit; done = either.
 A custom EnvBase rather than torchrl's GymWrapper, which would rename the "state" key.
 """
@@ -17,19 +18,20 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
 
-from envs.registry import STATE_DIM, make_task
+from envs.registry import make_task
 
 
 class ManiSkillVLAEnv(EnvBase):
-    """One CPU ManiSkill3 task (`envs.make_task`) as a torchrl env; batch size ().
+    """One task env (`envs.make_task`: embedded ManiSkill3 or SimplerEnv) as a torchrl env; batch size ().
 
     Args:
-        task: "pick_can" | "open_drawer" | "close_drawer".
+        task: a task name (envs.known_tasks()).
         image_size: square camera resolution in pixels.
         placements: optional [n, 2] object (x, y) positions (see envs.placement); episode k
             uses row k mod n. Without it the task samples its own placement from the seed.
         seed: episode k resets with seed `seed + k`, so a run is reproducible.
         max_episode_steps: overrides the task's step limit.
+        env_kwargs: passed to `make_task` (e.g. shader= for SimplerEnv tasks).
     """
 
     batch_locked = True
@@ -42,10 +44,12 @@ class ManiSkillVLAEnv(EnvBase):
         seed: int = 0,
         max_episode_steps: int | None = None,
         device: str | torch.device = "cpu",
+        **env_kwargs,
     ):
         super().__init__(device=device, batch_size=torch.Size([]))
         self.task = task
-        self.gym_env = make_task(task, image_size=image_size, max_episode_steps=max_episode_steps)
+        self.gym_env = make_task(task, image_size=image_size, max_episode_steps=max_episode_steps, **env_kwargs)
+        self.to_env_action = self.gym_env.policy_action_converter()
         self.instruction = self.gym_env.instruction
         self.max_episode_steps = self.gym_env.max_episode_steps
         if placements is not None:
@@ -62,7 +66,8 @@ class ManiSkillVLAEnv(EnvBase):
         self.observation_spec = Composite(
             observation=Composite(
                 image=Bounded(0, 255, shape=(3, image_size, image_size), dtype=torch.uint8, device=self.device),
-                state=Unbounded(shape=(STATE_DIM,), dtype=torch.float32, device=self.device),
+                state=Unbounded(shape=self.gym_env.observation_space["state"].shape, dtype=torch.float32,
+                                device=self.device),
                 shape=(),
             ),
             language_instruction=NonTensor(shape=(), example_data=self.instruction, device=self.device),
@@ -94,13 +99,15 @@ class ManiSkillVLAEnv(EnvBase):
             options["obj_init_xy"] = [float(xy[0]), float(xy[1])]
         obs, info = self.gym_env.reset(seed=self._base_seed + self._episode_count, options=options)
         self._episode_count += 1
+        self.to_env_action.reset()
+        self.instruction = self.gym_env.instruction  # some tasks draw it per episode
         out = self._observation(obs, info["success"])
         out.update(self.full_done_spec.zero())
         return out
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = tensordict.get("action").detach().cpu().numpy().astype(np.float32)
-        obs, _, terminated, truncated, info = self.gym_env.step(action)
+        obs, _, terminated, truncated, info = self.gym_env.step(self.to_env_action(action))
         success = info["success"]
         out = self._observation(obs, success)
         out["reward"] = torch.tensor([float(success)], dtype=torch.float32)

@@ -1,8 +1,9 @@
-"""`collect-demos`: scripted-expert demonstrations over a placement grid, stored as memmap shards.
+"""`collect-demos`: expert demonstrations over a placement grid, stored as memmap shards.
 
     collect-demos env=pick_can expert=scripted per_cell=10            # 10x10 grid, 1000 episodes
     collect-demos env=open_drawer grid=3 per_cell=2 out_dir=/tmp/d   # a small one
     collect-demos ... video=true video_episodes=4                    # + mp4s in <out_dir>/videos
+    collect-demos env=simpler_pick_coke_can expert=rt1 rt1_checkpoint=ckpts/rt_1_tf_trained_for_000400120
     demos-info /tmp/d                                                # what a dataset holds
 
 For every grid cell the expert is rolled until `per_cell` successes (failures are dropped and
@@ -33,16 +34,28 @@ from data_collection.dataset import (
 
 log = logging.getLogger("collect-demos")
 
-EXPERTS = ("scripted",)
+EXPERTS = ("scripted", "rt1")  # scripted: embedded tasks; rt1: SimplerEnv tasks (the paper's demonstrator)
 # Settings that define a dataset's content: a rerun must match them to resume into the same folder.
 IDENTITY_FIELDS = ("task", "expert", "image_size", "grid", "per_cell", "max_failures_per_cell", "seed",
-                   "max_episode_steps", "tokenizer")
+                   "max_episode_steps", "tokenizer", "shader", "rt1_checkpoint")
+# What "action" holds and what the tokens encode, per task family (written into metadata.json).
+ACTION_DOC = {
+    "embedded": ("pd_ee_delta_pose: xyz x 0.1 m, rotation x 0.1 rad, gripper +1 open / -1 closed",
+                 "the actions themselves (already in [-1, 1])"),
+    "simpler": ("SimplerEnv Google robot (RT-1 convention): xyz delta m, axis-angle delta rad, relative gripper "
+                "+1 close / -1 open",
+                "OpenVLA labels (envs.simpler_actions.simpler_to_policy_actions): xyz and roll-pitch-yaw normalized "
+                "with fractal20220817_data q01/q99, absolute gripper 1 open / 0 closed"),
+}
 
 
 @dataclass
 class CollectDemosConfig:
-    env: str = "pick_can"           # task name (envs.TASKS)
-    expert: str = "scripted"        # only the scripted privileged experts exist
+    env: str = "pick_can"           # task name (envs.known_tasks())
+    expert: str = "scripted"        # scripted (embedded tasks) | rt1 (simpler_pick_coke_can*)
+    rt1_checkpoint: str | None = None  # expert=rt1: folder of an RT-1 SavedModel (SimplerEnv README)
+    # SimplerEnv tasks: default (SimplerEnv's choice) | ibl (rasterized, fast) | rt (ray traced, needs an RTX GPU)
+    shader: str = "default"
     out_dir: str = "runs/demos/${env}"
     grid: int = 10                  # cells per axis over the task's placement box
     grid_y: int | None = None       # cells along y if different from `grid`
@@ -64,12 +77,34 @@ ConfigStore.instance().store(name="collect_demos_schema", node=CollectDemosConfi
 
 
 def validate(cfg: CollectDemosConfig) -> None:
-    from envs import TASKS
+    from envs import known_tasks
+    from envs.registry import is_simpler_task
+    from envs.simpler import SHADERS, simpler_task
 
-    if cfg.env not in TASKS:
-        raise ValueError(f"env={cfg.env!r} is not a task; known: {sorted(TASKS)}")
+    if cfg.env not in known_tasks():
+        raise ValueError(f"env={cfg.env!r} is not a task; known: {known_tasks()}")
     if cfg.expert not in EXPERTS:
         raise ValueError(f"expert={cfg.expert!r} is not supported; known: {list(EXPERTS)}")
+    simpler = is_simpler_task(cfg.env)
+    if simpler and simpler_task(cfg.env).kind != "pick":
+        raise ValueError(f"env={cfg.env} has a fixed cabinet and no placement grid to collect over; collect "
+                         f"SimplerEnv demos on simpler_pick_coke_can (or its _horizontal/_vertical/_standing variants)")
+    if simpler and cfg.expert != "rt1":
+        raise ValueError(f"expert={cfg.expert} has no {cfg.env} expert; use expert=rt1 rt1_checkpoint=<folder>")
+    if not simpler and cfg.expert == "rt1":
+        raise ValueError(f"expert=rt1 drives SimplerEnv's Google robot only; env={cfg.env} uses expert=scripted")
+    if cfg.expert != "rt1" and cfg.rt1_checkpoint is not None:
+        raise ValueError(f"rt1_checkpoint={cfg.rt1_checkpoint!r} is set but expert={cfg.expert}; drop it or use "
+                         f"expert=rt1")
+    if cfg.expert == "rt1":
+        from policies.rt1_expert import check_checkpoint
+
+        check_checkpoint(cfg.rt1_checkpoint)
+    if cfg.shader not in SHADERS:
+        raise ValueError(f"shader={cfg.shader!r} is not one of {list(SHADERS)}")
+    if not simpler and cfg.shader != "default":
+        raise ValueError(f"shader={cfg.shader} applies to SimplerEnv tasks only; env={cfg.env} renders with "
+                         f"ManiSkill3's default: drop shader=")
     n_y = cfg.grid if cfg.grid_y is None else cfg.grid_y
     if cfg.grid < 1 or n_y < 1 or cfg.grid * n_y > MAX_CELLS:
         raise ValueError(f"grid={cfg.grid} x grid_y={n_y} must give 1..{MAX_CELLS} cells")
@@ -87,19 +122,23 @@ def validate(cfg: CollectDemosConfig) -> None:
 
 def build_metadata(cfg: CollectDemosConfig) -> dict:
     """The dataset's description: identity fields (checked on resume) and descriptive fields."""
-    from envs import STATE_LAYOUT, placement_box
+    from envs import placement_box, state_layout, task_instruction
     from envs.placement import grid_positions
-    from envs.registry import task_class
+    from envs.registry import is_simpler_task
     from vla_razor.action_tokens import make_action_tokenizer
 
     n_y = cfg.grid if cfg.grid_y is None else cfg.grid_y
     x_range, y_range = placement_box(cfg.env)
     positions = grid_positions(cfg.grid, n_y, x_range, y_range)  # [n_x * n_y, 2], x-major
     tok = make_action_tokenizer()
+    simpler = is_simpler_task(cfg.env)
     return {
         "task": cfg.env,
         "expert": cfg.expert,
-        "instruction": task_class(cfg.env).instruction,
+        # the checkpoint's folder name identifies the demonstrator; its location may change between runs
+        "rt1_checkpoint": None if cfg.rt1_checkpoint is None else Path(cfg.rt1_checkpoint).expanduser().name,
+        "shader": cfg.shader if simpler else None,
+        "instruction": task_instruction(cfg.env),
         "image_size": cfg.image_size,
         "max_episode_steps": cfg.max_episode_steps,
         "grid": {"n_x": cfg.grid, "n_y": n_y, "x_range": list(x_range), "y_range": list(y_range),
@@ -110,13 +149,16 @@ def build_metadata(cfg: CollectDemosConfig) -> dict:
         "seed_rule": f"reset seed = (seed * {MAX_CELLS} + cell) * {MAX_ATTEMPTS_PER_CELL} + attempt",
         "tokenizer": {"name": "openvla_vocab_tail", "num_bins": tok.num_bins, "ids": "window",
                       "full_vocab_size": tok.full_vocab_size, "action_low": -1.0, "action_high": 1.0},
-        "state_layout": [list(item) for item in STATE_LAYOUT],
-        "action": "pd_ee_delta_pose: xyz x 0.1 m, rotation x 0.1 rad, gripper +1 open / -1 closed",
+        "state_layout": [list(item) for item in state_layout(cfg.env)],
+        "action": ACTION_DOC["simpler" if simpler else "embedded"][0],
+        "tokens": ACTION_DOC["simpler" if simpler else "embedded"][1],
     }
 
 
+
 def check_same_dataset(root: Path, existing: dict, wanted: dict) -> None:
-    diff = {k: (existing.get(k), wanted[k]) for k in IDENTITY_FIELDS if existing.get(k) != wanted[k]}
+    # .get on both sides: a field a dataset predates reads as None, like a field that does not apply to it
+    diff = {k: (existing.get(k), wanted.get(k)) for k in IDENTITY_FIELDS if existing.get(k) != wanted.get(k)}
     if diff:
         parts = ", ".join(f"{k}: folder has {_short(a)}, this run asks {_short(b)}" for k, (a, b) in diff.items())
         raise DatasetError(f"{root} holds a different collection ({parts}); rerun with the folder's settings to "
@@ -152,7 +194,8 @@ def run(cfg: CollectDemosConfig) -> dict:
     spec = WorkerSpec(root=str(root), task=cfg.env, image_size=cfg.image_size,
                       positions=[tuple(p) for p in wanted["grid"]["positions"]], per_cell=cfg.per_cell,
                       max_failures_per_cell=cfg.max_failures_per_cell, seed=cfg.seed,
-                      max_episode_steps=cfg.max_episode_steps)
+                      max_episode_steps=cfg.max_episode_steps, expert=cfg.expert, rt1_checkpoint=cfg.rt1_checkpoint,
+                      env_kwargs={"shader": cfg.shader} if wanted["shader"] is not None else {})
     collect_with_progress(spec, todo, n_cells, len(done), cfg)
 
     dataset = DemoDataset(root)
