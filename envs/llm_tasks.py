@@ -172,7 +172,7 @@ def _from_records(records, source: str, verifier: str, prompt_field: str, answer
                            ("response_field", response_field)):
             if key and key not in record:
                 raise ValueError(f"example {number} of {source} has no field {key!r} (fields: {sorted(record)}); "
-                                 f"set task.{field} to the right name")
+                                 f"set {field} to the right name")
         prompts.append(str(record[prompt_field]))
         answers.append(record[answer_field])
         if response_field:
@@ -184,8 +184,8 @@ def load_jsonl(path: str | Path, verifier: str, prompt_field: str = "prompt", an
                response_field: str | None = None) -> PromptSet:
     """One example per line of a JSON-lines file; ``response_field`` (SFT targets) is optional."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} not found; set task.path to a JSONL file with one "
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found; set its path to a JSONL file with one "
                                 f"{{{prompt_field!r}: ..., {answer_field!r}: ...}} object per line")
     records = []
     with open(path) as handle:
@@ -205,13 +205,13 @@ def load_local_dataset(path: str | Path, verifier: str, split: str = "train", pr
     try:
         import datasets
     except ImportError:
-        raise ImportError("task.source=datasets needs the datasets package: pip install datasets "
-                          "(or export the prompts to JSONL and use task.source=jsonl)") from None
+        raise ImportError("reading a saved `datasets` dataset needs the datasets package: pip install datasets "
+                          "(or export the prompts to JSONL and use source=jsonl)") from None
     if not Path(path).exists():
-        raise FileNotFoundError(f"no dataset folder at {path}; set task.path to a folder written by save_to_disk")
+        raise FileNotFoundError(f"no dataset folder at {path}; set its path to a folder written by save_to_disk")
     data = datasets.load_from_disk(str(path))
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise ValueError(f"split {split!r} not in {path} (splits: {sorted(data)}); set task.split")
+            raise ValueError(f"split {split!r} not in {path} (splits: {sorted(data)}); set split to one of them")
         data = data[split]
     return _from_records(data, str(path), verifier, prompt_field, answer_field, response_field)

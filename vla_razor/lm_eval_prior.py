@@ -21,7 +21,7 @@ PRIOR_BENCHMARKS: dict[str, str] = {
 }
 
 
-def _import_lm_eval():
+def require_lm_eval():
     try:
         import lm_eval
     except ImportError:
@@ -48,7 +48,7 @@ def evaluate_prior_benchmarks(model_dir: str | Path, tasks: list[str] | None = N
         raise ValueError(f"no headline metric known for {unknown}; choose from {sorted(PRIOR_BENCHMARKS)}")
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} is not a saved model folder (no config.json)")
-    lm_eval = _import_lm_eval()
+    lm_eval = require_lm_eval()
     output = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=tasks, batch_size=batch_size,
         device=device, limit=limit,

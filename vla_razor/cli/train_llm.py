@@ -32,6 +32,7 @@ from policies.openvla_fast import make_adamw
 from policies.tiny_lm import TinyQwen2Config, build_tiny_qwen2, build_word_tokenizer, tiny_vocabulary
 from vla_razor import llm
 from vla_razor.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vla_razor.lm_eval_prior import require_lm_eval, evaluate_prior_benchmarks
 from vla_razor.optim import SCHEDULES, lr_multiplier
 from vla_razor.report import write_report
 from vla_razor.results import read_tables, write_rows
@@ -127,6 +128,8 @@ def validate(cfg: TrainLLMConfig) -> None:
         raise ValueError(f"algo.schedule={cfg.algo.schedule!r} is not one of {SCHEDULES}")
     if cfg.task.prior_eval not in ("prompts", "lm_eval"):
         raise ValueError(f"task.prior_eval={cfg.task.prior_eval!r} is not one of ('prompts', 'lm_eval')")
+    if cfg.task.prior_eval == "lm_eval":
+        require_lm_eval()      # fail at start-up, not after the base is built and evaluated
     for name in ("eval_every", "eval_samples", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
@@ -143,12 +146,18 @@ def load_prompt_set(source: PromptSourceConfig, what: str) -> PromptSet:
         return llm_synthetic.SYNTHETIC_TASKS[source.name](source.size or 256, source.seed)
     fields = dict(prompt_field=source.prompt_field, answer_field=source.answer_field,
                   response_field=source.response_field or None)
-    if source.source == "jsonl":
-        prompts = load_jsonl(source.path, source.verifier, **fields)
-    elif source.source == "datasets":
-        prompts = load_local_dataset(source.path, source.verifier, split=source.split, **fields)
-    else:
+    loaders = {"jsonl": load_jsonl, "datasets": load_local_dataset}
+    if source.source not in loaders:
         raise ValueError(f"task.{what}.source={source.source!r} is not one of ('synthetic', 'jsonl', 'datasets')")
+    if not source.path or source.path == "???":
+        raise ValueError(f"task.{what}.path is not set: pass task.{what}.path=<path of the {source.source} data>")
+    if source.source == "datasets":
+        fields["split"] = source.split
+    try:
+        prompts = loaders[source.source](source.path, source.verifier, **fields)
+    except (FileNotFoundError, ValueError) as error:
+        # the loaders know the file, not which of train / eval / prior it was meant for
+        raise type(error)(f"task.{what}: {error}") from None
     if source.size:
         prompts = PromptSet(prompts.prompts[:source.size], prompts.answers[:source.size],
                             prompts.responses[:source.size] if prompts.responses else None, prompts.verifier)
@@ -212,7 +221,6 @@ def evaluation_row(cfg, policy, reference, tasks, step: int, total: int, out: Pa
                             else None, cfg.eval_samples, cfg.task.max_new_tokens, cfg.algo.micro_batch,
                             seed=cfg.seed + 7919, template=tasks["template"]))
     if cfg.task.prior_eval == "lm_eval":
-        from vla_razor.lm_eval_prior import evaluate_prior_benchmarks
         model_dir = policy.save_pretrained(out / "eval_model")
         row.update(evaluate_prior_benchmarks(model_dir, cfg.task.lm_eval_tasks or None, device=str(policy.device),
                                              limit=cfg.task.lm_eval_limit or None))
