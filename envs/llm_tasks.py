@@ -195,7 +195,8 @@ def load_jsonl(path: str | Path, verifier: str, prompt_field: str = "prompt", an
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"line {number} of {path} is not JSON ({error.msg}); expected one object per line") from None
+                raise ValueError(f"line {number} of {path} is not JSON ({error.msg}); "
+                                 "expected one object per line") from None
     return _from_records(records, str(path), verifier, prompt_field, answer_field, response_field)
 
 

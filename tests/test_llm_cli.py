@@ -172,3 +172,22 @@ def test_gpu_benchmark_tiny_mode_runs_on_cpu():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines[0]["kl_base_to_policy"] == 0.0 and lines[-1]["summary"]["step_seq_per_s"] > 0
+
+
+def test_local_hf_model_with_jsonl_task_and_lora(sweep, tmp_path):
+    """The generic path: a local model folder (here the sweep's base), prompts from JSONL, a LoRA adapter."""
+    pytest.importorskip("peft")
+    from envs.llm_synthetic import parity_prompt_set
+    tasks = parity_prompt_set(16, seed=5)
+    data = tmp_path / "parity.jsonl"
+    data.write_text("".join(json.dumps({"q": p, "gold": a}) + "\n" for p, a in zip(tasks.prompts, tasks.answers)))
+    files = [f"task.{split}.{key}" for split in ("train", "eval") for key in ("path", "prompt_field", "answer_field")]
+    values = [data, "q", "gold"] * 2
+    ok(train_llm("--algo", "grpo", *FAST, "policy=hf", f"policy.pretrained={sweep / 'base'}", "policy.lora_rank=4",
+                 "task=jsonl_math", *[f"{k}={v}" for k, v in zip(files, values)], "task.prior_eval=prompts",
+                 "task.chat_template=false", "task.max_new_tokens=4", f"sweep_dir={tmp_path / 'hf'}"))
+    (run,) = (tmp_path / "hf").glob("grpo_lr*")
+    rows = read_rows(run / "results.csv")
+    assert rows[0]["kl_base_to_policy"] == 0.0 and rows[-1]["kl_base_to_policy"] > 0
+    merged = load_file(run / "final" / "model.safetensors")            # LoRA merged into plain weights
+    assert not any("lora_" in key for key in merged)

@@ -83,7 +83,7 @@ class TinyPretrainConfig:
 
 @dataclass
 class PolicyConfig:
-    name: str = "tiny_qwen2"
+    name: str = "tiny_qwen2"        # tiny_qwen2 = the embedded default; any other policy needs `pretrained`
     pretrained: str = ""            # local Hugging Face folder; "" = the embedded tiny Qwen2, pretrained here
     dtype: str = "auto"             # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     lora_rank: int = 0              # 0 = full fine-tuning
@@ -133,23 +133,28 @@ def validate(cfg: TrainLLMConfig) -> None:
     for name in ("eval_every", "eval_samples", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.policy.name != "tiny_qwen2" and not cfg.policy.pretrained:
+        raise ValueError(f"policy={cfg.policy.name} needs policy.pretrained=<local Hugging Face model folder> "
+                         "(policy=tiny_qwen2 is the embedded default)")
     if cfg.task.max_new_tokens < 1:
         raise ValueError(f"task.max_new_tokens={cfg.task.max_new_tokens} must be >= 1")
 
 
 # -- build ----------------------------------------------------------------------------------------------------------
-def load_prompt_set(source: PromptSourceConfig, what: str) -> PromptSet:
+def load_prompt_set(source: PromptSourceConfig, what: str, with_responses: bool) -> PromptSet:
+    """``with_responses``: read the SFT-target column (only offline methods' training prompts need it, so an
+    RL run does not fail on a file that has none)."""
     if source.source == "synthetic":
         if source.name not in llm_synthetic.SYNTHETIC_TASKS:
             raise ValueError(f"task.{what}.name={source.name!r} is not a synthetic task "
                              f"({sorted(llm_synthetic.SYNTHETIC_TASKS)})")
         return llm_synthetic.SYNTHETIC_TASKS[source.name](source.size or 256, source.seed)
     fields = dict(prompt_field=source.prompt_field, answer_field=source.answer_field,
-                  response_field=source.response_field or None)
+                  response_field=(source.response_field or None) if with_responses else None)
     loaders = {"jsonl": load_jsonl, "datasets": load_local_dataset}
     if source.source not in loaders:
         raise ValueError(f"task.{what}.source={source.source!r} is not one of ('synthetic', 'jsonl', 'datasets')")
-    if not source.path or source.path == "???":
+    if not source.path:
         raise ValueError(f"task.{what}.path is not set: pass task.{what}.path=<path of the {source.source} data>")
     if source.source == "datasets":
         fields["split"] = source.split
@@ -231,8 +236,8 @@ def train(cfg: TrainLLMConfig, device: str) -> list[dict]:
     algo, out = cfg.algo, Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tasks = {what: load_prompt_set(getattr(cfg.task, what), what) for what in ("train", "eval", "prior")
-             if what != "prior" or cfg.task.prior_eval == "prompts"}
+    tasks = {what: load_prompt_set(getattr(cfg.task, what), what, with_responses=what == "train" and not algo.on_policy)
+             for what in ("train", "eval", "prior") if what != "prior" or cfg.task.prior_eval == "prompts"}
     tasks.setdefault("prior", None)
     if not algo.on_policy and tasks["train"].responses is None:
         raise ValueError(f"algo {algo.name!r} ({algo.objective}) trains on target responses, but the train prompts "
