@@ -126,3 +126,17 @@ def test_registry_unknown_name_lists_known():
 def test_shape_errors_name_shapes():
     with pytest.raises(ValueError, match=r"\[B\]=\(3,\)"):
         O.reinforce_objective(torch.randn(3, 1), torch.randn(4))
+
+
+@pytest.mark.parametrize("name, kwargs", [("reinforce", {}), ("reinforce_1_0", {}),
+                                          ("grpo", {"group_size": 2}), ("grpo", {"group_size": 2, "scale_by_std": False})])
+def test_on_policy_objectives_are_the_policy_gradient_on_sequence_advantages(name, kwargs):
+    torch.manual_seed(0)
+    log_probs = torch.randn(4, 3, requires_grad=True)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    loss, _ = O.get_objective(name)(log_probs, rewards, **kwargs)
+    advantages = O.sequence_advantages(name, rewards, **kwargs)
+    direct, _ = O.policy_gradient_objective(log_probs, advantages)
+    torch.testing.assert_close(loss, direct)
+    with pytest.raises(ValueError, match="not an on-policy objective"):
+        O.sequence_advantages("sft", rewards)

@@ -71,6 +71,26 @@ def group_normalized_advantages(rewards: torch.Tensor, group_size: int, scale_by
     return centred.reshape(-1)
 
 
+ON_POLICY_OBJECTIVES = ("reinforce", "reinforce_1_0", "grpo")
+
+
+def sequence_advantages(objective: str, rewards: torch.Tensor, *, group_size: int = 1,
+                        scale_by_std: bool = True) -> torch.Tensor:
+    """The per-sequence advantage ``[B]`` each on-policy objective uses, from the WHOLE batch's ``rewards [B]``.
+
+    The registered objectives below are ``policy_gradient_objective`` on these advantages; a caller that splits
+    a large batch into micro-batches (an LLM path) computes them once here, then calls
+    ``policy_gradient_objective`` per micro-batch, so every slice sees the batch's baseline.
+    """
+    if objective == "reinforce":
+        return reward_normalized_advantages(rewards)
+    if objective == "reinforce_1_0":
+        return rewards.float()
+    if objective == "grpo":
+        return group_normalized_advantages(rewards, group_size, scale_by_std)
+    raise ValueError(f"{objective!r} is not an on-policy objective; choose one of {ON_POLICY_OBJECTIVES}")
+
+
 # -- losses --------------------------------------------------------------------------------------------------------
 def sft_objective(log_probs: torch.Tensor, mask: torch.Tensor | None = None,
                   aggregation: str = "token_mean") -> tuple[torch.Tensor, Stats]:
@@ -114,14 +134,14 @@ def policy_gradient_objective(log_probs: torch.Tensor, advantages: torch.Tensor,
 def reinforce_objective(log_probs, rewards, mask=None, **kwargs) -> tuple[torch.Tensor, Stats]:
     """REINFORCE with the reward-normalization baseline (PROTOCOL, robot RL): A = (r - mean) / std over the batch."""
     _check(log_probs, mask, rewards)
-    loss, stats = policy_gradient_objective(log_probs, reward_normalized_advantages(rewards), mask, **kwargs)
+    loss, stats = policy_gradient_objective(log_probs, sequence_advantages("reinforce", rewards), mask, **kwargs)
     return loss, {**stats, "reward/mean": rewards.float().mean().item()}
 
 
 def reinforce_1_0_objective(log_probs, rewards, mask=None, **kwargs) -> tuple[torch.Tensor, Stats]:
     """1-0 REINFORCE: A = r in {0, 1}, i.e. SFT on the policy's own correct samples (RL's Razor, Sec. 5)."""
     _check(log_probs, mask, rewards)
-    loss, stats = policy_gradient_objective(log_probs, rewards.float(), mask, **kwargs)
+    loss, stats = policy_gradient_objective(log_probs, sequence_advantages("reinforce_1_0", rewards), mask, **kwargs)
     return loss, {**stats, "reward/mean": rewards.float().mean().item()}
 
 
@@ -129,7 +149,7 @@ def grpo_objective(log_probs, rewards, mask=None, *, group_size: int, scale_by_s
                    **kwargs) -> tuple[torch.Tensor, Stats]:
     """GRPO (Shao et al. 2024): group-normalized advantages over ``group_size`` samples of each input."""
     _check(log_probs, mask, rewards)
-    advantages = group_normalized_advantages(rewards, group_size, scale_by_std)
+    advantages = sequence_advantages("grpo", rewards, group_size=group_size, scale_by_std=scale_by_std)
     loss, stats = policy_gradient_objective(log_probs, advantages, mask, **kwargs)
     return loss, {**stats, "reward/mean": rewards.float().mean().item()}
 
