@@ -197,6 +197,7 @@ def sample_action_tokens(
     generator: torch.Generator | None = None,
     kv_cache: str = "static",
     tokens: torch.Tensor | None = None,
+    greedy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``num_tokens`` action tokens per row, restricted to ``action_token_ids``.
 
@@ -212,6 +213,7 @@ def sample_action_tokens(
             whole cache at every step; kept for comparison).
         tokens: optional ``[B, num_tokens]`` action ids to score instead of drawing (the same
             prefill + decode computation; used to compare numerics on fixed tokens).
+        greedy: take the most likely id at each step instead of drawing (evaluation).
 
     Returns:
         tokens ``[B, num_tokens]`` (vocabulary ids, all in ``action_token_ids``) and their
@@ -262,7 +264,9 @@ def sample_action_tokens(
     for step in range(num_tokens):
         logits = (hidden @ w_act.t()).to(_logit_dtype(hidden)) / temperature  # [B, K]
         logp = torch.log_softmax(logits, dim=-1)  # [B, K]
-        if forced is None:
+        if forced is None and greedy:
+            idx = torch.argmax(logp, dim=-1, keepdim=True)
+        elif forced is None:
             # Gumbel-max draw: argmax(logp + G) ~ Categorical(softmax(logp)); no host sync.
             u = torch.rand(logp.shape, device=logp.device, generator=generator)
             gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))

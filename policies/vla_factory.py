@@ -1,0 +1,74 @@
+"""Build, save and load the token VLA policies by config: one file holds everything a checkpoint needs.
+
+A policy file (``policy.pt``) stores the config it was built from, the prompt vocabulary, the weights (incl. the
+proprio normalization buffers) and free-form ``extra`` metadata (which demos, which step), so ``load_policy`` needs
+nothing else -- the base used for KL and forgetting is just another policy file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from policies.vla_model import VLAModelConfig, build_tiny_vla, num_image_tokens
+from policies.vla_policy import OPENVLA_PROMPT, PromptTokenizer, TokenVLAPolicy
+from vla_razor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+POLICY_FORMAT = "vla-razor-policy-v1"
+
+
+@dataclass
+class PolicyConfig:
+    """``policy/`` config group. ``kind`` picks the builder; the tiny VLA is the embedded default."""
+
+    kind: str = "tiny_vla"
+    model: VLAModelConfig = field(default_factory=VLAModelConfig)
+    prompt_template: str = OPENVLA_PROMPT
+    temperature: float = 1.0     # rollout sampling temperature (log-probs are of the tempered policy)
+
+
+BUILDERS = ("tiny_vla",)
+
+
+def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | None = None) -> TokenVLAPolicy:
+    """A randomly initialized policy whose prompt vocabulary covers ``instructions`` (or exactly ``words``)."""
+    if cfg.kind not in BUILDERS:
+        raise ValueError(f"policy.kind={cfg.kind!r} is unknown; known: {list(BUILDERS)}")
+    if words is None:
+        tokenizer = PromptTokenizer.from_texts([cfg.prompt_template, *instructions])
+    else:
+        tokenizer = PromptTokenizer(words)
+    model_cfg = VLAModelConfig(**{**asdict(cfg.model), "vocab_size": len(tokenizer) + 256})
+    model = build_tiny_vla(model_cfg, image_token_id=tokenizer.token_id("<image>"),
+                           proprio_token_id=tokenizer.token_id("<proprio>"))
+    return TokenVLAPolicy(model, tokenizer, num_image_tokens=num_image_tokens(model_cfg),
+                          image_size=model_cfg.image_size, use_proprio=bool(model_cfg.proprio_dim),
+                          proprio_dim=model_cfg.proprio_dim or 1, prompt_template=cfg.prompt_template,
+                          temperature=cfg.temperature)
+
+
+def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConfig, extra: dict | None = None) -> Path:
+    return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(cfg),
+                                  "words": policy.prompt_tokenizer.words,
+                                  "state_dict": policy.state_dict(), "extra": extra or {}})
+
+
+def policy_config_from_dict(data: dict) -> PolicyConfig:
+    data = dict(data)
+    data["model"] = VLAModelConfig(**data["model"])
+    return PolicyConfig(**data)
+
+
+def load_policy(path: str | os.PathLike) -> tuple[TokenVLAPolicy, PolicyConfig, dict]:
+    """(policy, its config, extra metadata) from a file written by :func:`save_policy`."""
+    state = load_checkpoint(path)
+    if state is None:
+        raise FileNotFoundError(f"no policy file at {path}; train one first (train-vla / pretrain-vla) or fix the path")
+    if state.get("format") != POLICY_FORMAT:
+        raise CheckpointError(f"{path} is not a vla-razor policy file (format {state.get('format')!r})")
+    cfg = policy_config_from_dict(state["config"])
+    policy = build_policy(cfg, [], words=state["words"])
+    policy.load_state_dict(state["state_dict"])
+    return policy, cfg, state["extra"]
