@@ -12,7 +12,7 @@ def write_episode_videos(dataset: DemoDataset, out_dir: Path, num_episodes: int,
 
     One frame per recorded step (the image the expert acted on). Needs imageio + imageio-ffmpeg.
     """
-    import imageio.v2 as imageio
+    from vla_razor.video import write_video
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -22,7 +22,6 @@ def write_episode_videos(dataset: DemoDataset, out_dir: Path, num_episodes: int,
             break
         path = out_dir / f"cell_{row['cell']:04d}_seed_{row['seed']}.mp4"
         frames = steps["observation", "image"].numpy()  # [T, H, W, 3] uint8
-        # macro_block_size=1: keep 128x128 (or any size) as is instead of resizing to a multiple of 16.
-        imageio.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=1)
+        write_video(path, frames, fps)
         written.append(path)
     return written

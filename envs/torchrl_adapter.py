@@ -4,7 +4,8 @@ Keys (torchrl.data.vla): ("observation", "image") uint8 [3, H, W] (CHW, like tor
 adapter), ("observation", "state") float32 [D] (the task's layout: envs.state_layout), "language_instruction"
 a NonTensor string at the root, "success" bool [1], "action" float32 [7] in [-1, 1] (a policy action: the
 task's converter maps it to its env action, e.g. SimplerEnv's un-normalized axis-angle one), reward = success
-as float [1]. Episodes terminate on success and truncate at the task's step limit; done = either.
+as float [1], "obj_init_xy" float32 [2] the episode's requested object placement (NaN when the task drew it).
+Episodes terminate on success and truncate at the task's step limit; done = either.
 A custom EnvBase rather than torchrl's GymWrapper, which would rename the "state" key.
 """
 
@@ -71,6 +72,7 @@ class ManiSkillVLAEnv(EnvBase):
                 shape=(),
             ),
             language_instruction=NonTensor(shape=(), example_data=self.instruction, device=self.device),
+            obj_init_xy=Unbounded(shape=(2,), dtype=torch.float32, device=self.device),
             success=bool_flag(),
             shape=(),
         )
@@ -87,6 +89,7 @@ class ManiSkillVLAEnv(EnvBase):
                 "observation": {"image": image, "state": torch.from_numpy(obs["state"])},
                 "language_instruction": self.instruction,
                 "success": torch.tensor([success], dtype=torch.bool),
+                "obj_init_xy": self._obj_init_xy,
             },
             batch_size=(),
             device=self.device,
@@ -94,9 +97,11 @@ class ManiSkillVLAEnv(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         options = {}
+        self._obj_init_xy = torch.full((2,), float("nan"))
         if self.placements is not None:
             xy = self.placements[self._episode_count % len(self.placements)]
             options["obj_init_xy"] = [float(xy[0]), float(xy[1])]
+            self._obj_init_xy = torch.tensor(options["obj_init_xy"], dtype=torch.float32)
         obs, info = self.gym_env.reset(seed=self._base_seed + self._episode_count, options=options)
         self._episode_count += 1
         self.to_env_action.reset()

@@ -128,6 +128,8 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         self.register_buffer("proprio_mean", torch.zeros(proprio_dim))
         self.register_buffer("proprio_std", torch.ones(proprio_dim))
         self._prompt_cache: dict[str, list[int]] = {}
+        # Stamped on every rollout step so a trainer can tell steps of the current weights from earlier ones.
+        self.rollout_version = 0
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def set_proprio_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -239,6 +241,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         out = tensordict.empty() if self.inplace is False else tensordict
         self._set_action(out, chunk=chunk, tokens=chunk_tokens, log_probs=log_probs.unsqueeze(-2))
         out.set(self._tensor_keys.action, chunk[..., 0, :].to(torch.float32))
+        out.set("policy_version", torch.full(tokens.shape[:-1], self.rollout_version, dtype=torch.long))
         return out
 
 

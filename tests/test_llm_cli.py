@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vla_razor.cli.train_llm import translate_algo_flag
+from vla_razor.cli.common import translate_algo_flag
 from vla_razor.results import read_rows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -140,3 +140,16 @@ def test_on_policy_objectives_are_the_policy_gradient_on_sequence_advantages(nam
     torch.testing.assert_close(loss, direct)
     with pytest.raises(ValueError, match="not an on-policy objective"):
         O.sequence_advantages("sft", rewards)
+
+
+def test_group_ids_match_contiguous_groups_and_handle_unequal_sizes():
+    from vla_razor.objectives import group_normalized_advantages
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    contiguous = group_normalized_advantages(rewards, group_size=3)
+    shuffled = torch.tensor([4, 0, 2, 1, 3, 5])
+    by_id = group_normalized_advantages(rewards[shuffled], groups=torch.tensor([7, 7, 7, 9, 9, 9])[shuffled])
+    torch.testing.assert_close(by_id, contiguous[shuffled])
+    # unequal groups: {1, 0} and {1, 1, 0, 0, 0} -> centred by their own means, scaled by their own stds
+    unequal = group_normalized_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]),
+                                          groups=torch.tensor([0, 0, 1, 1, 1, 1, 1]), scale_by_std=False)
+    torch.testing.assert_close(unequal, torch.tensor([0.5, -0.5, 0.6, 0.6, -0.4, -0.4, -0.4]))

@@ -56,12 +56,26 @@ def reward_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> to
     return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
 
 
-def group_normalized_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                                eps: float = 1e-6) -> torch.Tensor:
+def group_normalized_advantages(rewards: torch.Tensor, group_size: int = 1, scale_by_std: bool = True,
+                                eps: float = 1e-6, groups: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO advantages: ``rewards [B]`` in contiguous groups of ``group_size`` samples of the same input.
 
     A = r - group mean, divided by the group std unless ``scale_by_std=False`` (Dr. GRPO drops it).
+    ``groups [B]`` (any ids) instead names each sample's group, for groups of unequal size (robot rollouts from
+    the same start cell, where a collector returns whichever trajectories finished first).
     """
+    if groups is not None:
+        if groups.shape != rewards.shape:
+            raise ValueError(f"groups {tuple(groups.shape)} must match rewards {tuple(rewards.shape)}")
+        _, index = torch.unique(groups, return_inverse=True)
+        rewards = rewards.float()
+        count = torch.zeros(int(index.max()) + 1).index_add_(0, index, torch.ones_like(rewards))
+        mean = torch.zeros_like(count).index_add_(0, index, rewards) / count
+        centred = rewards - mean[index]
+        if scale_by_std:
+            var = torch.zeros_like(count).index_add_(0, index, centred ** 2) / count
+            centred = centred / (var.sqrt()[index] + eps)
+        return centred
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"batch of {rewards.numel()} rewards is not a whole number of groups of {group_size}")
     grouped = rewards.float().view(-1, group_size)
@@ -75,7 +89,7 @@ ON_POLICY_OBJECTIVES = ("reinforce", "reinforce_1_0", "grpo")
 
 
 def sequence_advantages(objective: str, rewards: torch.Tensor, *, group_size: int = 1,
-                        scale_by_std: bool = True) -> torch.Tensor:
+                        scale_by_std: bool = True, groups: torch.Tensor | None = None) -> torch.Tensor:
     """The per-sequence advantage ``[B]`` each on-policy objective uses, from the WHOLE batch's ``rewards [B]``.
 
     The registered objectives below are ``policy_gradient_objective`` on these advantages; a caller that splits
@@ -87,7 +101,7 @@ def sequence_advantages(objective: str, rewards: torch.Tensor, *, group_size: in
     if objective == "reinforce_1_0":
         return rewards.float()
     if objective == "grpo":
-        return group_normalized_advantages(rewards, group_size, scale_by_std)
+        return group_normalized_advantages(rewards, group_size, scale_by_std, groups=groups)
     raise ValueError(f"{objective!r} is not an on-policy objective; choose one of {ON_POLICY_OBJECTIVES}")
 
 

@@ -25,10 +25,10 @@ def load_demo_steps(root: str, episode_fraction: float = 1.0, seed: int = 0) -> 
     for cell in dataset.cells:
         steps = dataset.shard(cell)["steps"]
         parts.append(TensorDict({
-            "observation": {"image": steps["observation", "image"].as_tensor().permute(0, 3, 1, 2).contiguous(),
-                            "state": steps["observation", "state"].as_tensor().clone()},
-            ("vla_action", "tokens"): steps["vla_action", "tokens"].as_tensor().clone(),
-            "episode_key": steps["episode"].as_tensor() + cell * 100_000,
+            "observation": {"image": steps["observation", "image"].clone().permute(0, 3, 1, 2).contiguous(),
+                            "state": steps["observation", "state"].clone()},
+            ("vla_action", "tokens"): steps["vla_action", "tokens"].clone(),
+            "episode_key": steps["episode"].clone() + cell * 100_000,
         }, batch_size=[steps.batch_size[0]]))
     data = torch.cat(parts)
     if episode_fraction < 1.0:

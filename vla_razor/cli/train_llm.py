@@ -36,6 +36,7 @@ from vla_razor.lm_eval_prior import require_lm_eval, evaluate_prior_benchmarks
 from vla_razor.optim import SCHEDULES, lr_multiplier
 from vla_razor.report import write_report
 from vla_razor.results import read_tables, write_rows
+from vla_razor.cli.common import translate_algo_flag
 
 log = logging.getLogger("train-llm")
 
@@ -364,22 +365,6 @@ def run(cfg: TrainLLMConfig) -> dict | None:
     return summary
 
 
-def translate_algo_flag(argv: list[str]) -> list[str]:
-    """``--algo X`` / ``--algo=X`` -> Hydra's ``algo=X`` (the issue's spelling of the command)."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--algo":
-            if i + 1 == len(argv):
-                raise SystemExit("train-llm: --algo needs a value: grpo | reinforce_1_0 | sft | simpo")
-            out.append(f"algo={argv[i + 1]}")
-            i += 2
-            continue
-        out.append("algo=" + arg[len("--algo="):] if arg.startswith("--algo=") else arg)
-        i += 1
-    return out
-
-
 @hydra.main(config_path="../../configs/llm", config_name="train_llm", version_base="1.3")
 def _hydra_main(cfg) -> None:
     try:
@@ -391,7 +376,7 @@ def _hydra_main(cfg) -> None:
 
 
 def main() -> None:
-    sys.argv = translate_algo_flag(sys.argv)
+    sys.argv = translate_algo_flag(sys.argv, "train-llm", "grpo | reinforce_1_0 | sft | simpo")
     _hydra_main()
 
 

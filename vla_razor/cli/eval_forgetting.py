@@ -1,0 +1,82 @@
+"""`eval-forgetting`: a checkpoint vs its base on the new task and the prior (drawer) tasks, plus forward KL.
+
+    eval-forgetting policy=runs/main/reinforce/policy.pt base=runs/main/base/policy.pt demos_root=runs/main/demos
+    eval-forgetting policy=... base=... eval.new_task_positions=100 eval.prior_positions=20
+
+Writes one row to the shared results table (``results``) and rewrites the frontier / KL-forgetting report in
+``report_dir`` from all rows, so the rows of a ``train-vla -m`` sweep and hand-evaluated checkpoints share one
+report. The base's scores are cached beside the base file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from policies.vla_factory import load_policy
+from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
+
+log = logging.getLogger("eval-forgetting")
+
+
+@dataclass
+class EvalForgettingConfig:
+    policy: str = "???"             # the fine-tuned policy file (policy.pt of a train-vla run)
+    base: str = "runs/vla/base/policy.pt"
+    method: str = ""                # results-table label; default: the policy's training algo
+    demos_root: str = "runs/demos"  # new-task demo states for the KL probe: <demos_root>/<env.new_task>
+    env: TaskSet = field(default_factory=TaskSet)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    results: str = "runs/vla/results.csv"
+    report_dir: str = "runs/vla/report"
+    threads: int = 0
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="eval_forgetting_schema", node=EvalForgettingConfig)
+
+
+def run_eval(cfg: EvalForgettingConfig) -> dict:
+    from vla_razor.vla_data import DemoMixture
+
+    for name, path in (("policy", cfg.policy), ("base", cfg.base)):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{name}={path} does not exist; pass the policy.pt of a train-vla run")
+    demos = Path(cfg.demos_root) / cfg.env.new_task
+    if not (demos / "metadata.json").exists():
+        raise FileNotFoundError(f"no new-task demos in {demos} for the KL probe; set demos_root= or collect them")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    policy, _, extra = load_policy(cfg.policy)
+    base, _, _ = load_policy(cfg.base)
+    probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)
+    row = {"method": cfg.method or extra.get("algo", "unknown"), "run": str(Path(cfg.policy).parent),
+           "progress": 1.0}
+    row.update(evaluate_checkpoint(policy, base, cfg.base, probe, cfg.env, cfg.eval, prior=True,
+                                   progress=cfg.progress))
+    rows = append_row(cfg.results, row)
+    write_robot_report(rows, cfg.report_dir)
+    log.info("%s", json.dumps(row))
+    return row
+
+
+@hydra.main(config_path="../../configs", config_name="eval_forgetting", version_base="1.3")
+def _hydra_main(cfg) -> None:
+    try:
+        run_eval(OmegaConf.to_object(cfg))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"eval-forgetting: {error}") from None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""`train-vla`: pretrain a base VLA, or fine-tune it with SFT or on-policy RL, and measure what it forgot.
+
+    train-vla --algo pretrain experiment=embedded      # base: SFT from scratch on a drawer + pick demo mixture
+    train-vla --algo sft experiment=embedded           # SFT on new-task demos from the base
+    train-vla --algo reinforce experiment=embedded     # REINFORCE (reward-normalized, no KL) via a TorchRL collector
+    train-vla --algo grpo | reinforce_1_0 ...          # the other shared on-policy objectives
+    train-vla -m --algo sft algo.lr=1e-4,3e-4 algo.batch_size=16,32 experiment=embedded   # a sweep
+
+Every run logs per epoch / iteration (``<out_dir>/metrics.csv``): loss, new-task success (rollouts of RL; eval
+intervals), forward KL to the base on new-task demo states, drawer success at eval intervals, throughput. It
+checkpoints after every epoch / iteration (and every ``checkpoint_every`` SFT updates) and a rerun of the same
+command resumes from there, even after ``kill -9``. At the end it evaluates the policy against the base
+(vla_razor.forgetting), appends a row to the shared results table and rewrites the frontier / forgetting report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
+from vla_razor import results
+from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vla_razor.cli.common import translate_algo_flag
+from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
+from vla_razor.objectives import ON_POLICY_OBJECTIVES
+from vla_razor.optim import SCHEDULES, lr_multiplier
+from vla_razor.vla_data import DemoMixture
+from vla_razor.vla_train import kl_to_base, make_optimizer, policy_gradient_update, sft_step
+
+log = logging.getLogger("train-vla")
+ALGOS = "pretrain | sft | reinforce | reinforce_1_0 | grpo"
+
+
+@dataclass
+class AlgoConfig:
+    """``algo/`` group. Defaults are PROTOCOL's robot settings (AdamW, grad norm 1, wd 0, warmup 10, constant)."""
+
+    name: str = "sft"
+    objective: str = "sft"          # a shared objective: sft | reinforce | reinforce_1_0 | grpo
+    lr: float = 1e-5
+    schedule: str = "constant_with_warmup"   # or cosine_with_warmup
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    # SFT / pretraining
+    batch_size: int = 32            # demo steps per update
+    epochs: int = 1
+    from_scratch: bool = False      # pretraining: a randomly initialized policy instead of the base
+    mixture: dict[str, float] = field(default_factory=lambda: {"pick_can": 1.0})  # task -> fraction of its demo episodes
+    checkpoint_every: int = 200     # SFT updates between mid-epoch checkpoints
+    # on-policy RL
+    iterations: int = 10
+    trajectories_per_cell: int = 5  # PROTOCOL: 5 trajectories per grid point per iteration
+    grid: int = 10                  # start cells per axis over the new task's placement box
+    minibatch_steps: int = 256      # steps per teacher-forced forward in an update (memory, not maths)
+
+
+@dataclass
+class TrainVLAConfig:
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    env: TaskSet = field(default_factory=TaskSet)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demos_root: str = "runs/demos"  # <demos_root>/<task> from collect-demos
+    base: str = "runs/vla/base/policy.pt"
+    out_dir: str = "runs/vla/${algo.name}_lr${algo.lr}_bs${algo.batch_size}"
+    results: str = "runs/vla/results.csv"
+    report_dir: str = "runs/vla/report"
+    seed: int = 0
+    threads: int = 0                # torch CPU threads, 0 = torch's default
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="train_vla_schema", node=TrainVLAConfig)
+if not OmegaConf.has_resolver("dirname"):
+    OmegaConf.register_new_resolver("dirname", lambda path: str(Path(path).parent))
+
+
+def validate(cfg: TrainVLAConfig) -> None:
+    algo = cfg.algo
+    if algo.objective not in ("sft", *ON_POLICY_OBJECTIVES):
+        raise ValueError(f"algo.objective={algo.objective!r} is not one of sft, {', '.join(ON_POLICY_OBJECTIVES)}")
+    if algo.schedule not in SCHEDULES:
+        raise ValueError(f"algo.schedule={algo.schedule!r} is not one of {SCHEDULES}")
+    if algo.from_scratch and algo.objective != "sft":
+        raise ValueError("algo.from_scratch (pretraining) needs algo.objective=sft")
+    if algo.lr <= 0 or algo.batch_size < 1 or algo.epochs < 1 or algo.iterations < 1:
+        raise ValueError("algo.lr, batch_size, epochs and iterations must be positive")
+    if algo.objective != "sft" and (algo.grid < 1 or algo.trajectories_per_cell < 1):
+        raise ValueError("algo.grid and algo.trajectories_per_cell must be >= 1")
+    for task, fraction in algo.mixture.items():
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"algo.mixture.{task}={fraction} must be a fraction of that task's episodes in [0, 1]")
+        if fraction > 0 and not (Path(cfg.demos_root) / task / "metadata.json").exists():
+            raise FileNotFoundError(f"no demos for {task!r} in {Path(cfg.demos_root) / task}; collect them with "
+                                    f"`collect-demos env={task} out_dir={Path(cfg.demos_root) / task}`")
+    if not algo.from_scratch and not Path(cfg.base).exists():
+        raise FileNotFoundError(f"base policy {cfg.base} does not exist; pretrain one with "
+                                f"`train-vla --algo pretrain` or point base= at a policy file")
+
+
+def identity(cfg: TrainVLAConfig) -> dict:
+    """What a checkpoint must match for a rerun to resume from it."""
+    return {"algo": asdict(cfg.algo), "env": asdict(cfg.env), "policy": asdict(cfg.policy), "seed": cfg.seed,
+            "base": None if cfg.algo.from_scratch else str(Path(cfg.base).resolve())}
+
+
+class Run:
+    """State of one training run: policy, optimizer, progress counters, metrics; saved and restored as one file."""
+
+    def __init__(self, cfg: TrainVLAConfig, policy, base, probe):
+        self.cfg, self.policy, self.base, self.probe = cfg, policy, base, probe
+        self.out = Path(cfg.out_dir)
+        self.optimizer = make_optimizer(policy, cfg.algo.lr, cfg.algo.weight_decay)
+        self.progress = {"epoch": 0, "batch": 0, "iteration": 0, "updates": 0}
+        self.metrics: list[dict] = []
+        self.started = time.time()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> None:
+        save_checkpoint(self.checkpoint_path, {
+            "identity": identity(self.cfg), "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "progress": self.progress, "metrics": self.metrics,
+            "rng": rng_state()})
+        results.write_rows(self.out / "metrics.csv", self.metrics) if self.metrics else None
+
+    def restore(self) -> bool:
+        state = load_checkpoint(self.checkpoint_path)
+        if state is None:
+            return False
+        if state["identity"] != identity(self.cfg):
+            raise ValueError(f"{self.checkpoint_path} was written by a run with other settings; use another out_dir "
+                             "or delete it to start over")
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress, self.metrics = state["progress"], state["metrics"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at %s", self.checkpoint_path, self.progress)
+        return True
+
+    def set_lr(self, total_updates: int) -> float:
+        algo = self.cfg.algo
+        lr = algo.lr * lr_multiplier(self.progress["updates"], total_updates, algo.warmup_steps, algo.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def log_metrics(self, row: dict, evaluate: bool) -> None:
+        if self.base is not None:
+            row["kl_base_to_policy"] = kl_to_base(self.policy, self.base, self.probe, seed=self.cfg.eval.seed)
+        if evaluate and self.base is not None:
+            row.update(evaluate_checkpoint(self.policy, self.base, self.cfg.base, self.probe, self.cfg.env,
+                                           self.cfg.eval, progress=self.cfg.progress))
+        row["wall_s"] = round(time.time() - self.started, 1)
+        self.metrics.append(row)
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def demo_mixture(cfg: TrainVLAConfig) -> DemoMixture:
+    return DemoMixture({str(Path(cfg.demos_root) / task): fraction for task, fraction in cfg.algo.mixture.items()},
+                       seed=cfg.seed)
+
+
+def new_task_probe(cfg: TrainVLAConfig):
+    """Fixed new-task demo states on which KL(pi_0 || pi) is measured (same for every run and checkpoint)."""
+    return DemoMixture({str(Path(cfg.demos_root) / cfg.env.new_task): 1.0}, seed=cfg.eval.seed).probe(
+        cfg.eval.kl_probe_states, seed=cfg.eval.seed)
+
+
+def train_sft(run: Run, data: DemoMixture) -> None:
+    cfg, algo = run.cfg, run.cfg.algo
+    batches_per_epoch = math.ceil(len(data) / algo.batch_size)
+    total = batches_per_epoch * algo.epochs
+    bar = tqdm(total=total, initial=run.progress["updates"], desc=f"{algo.name} lr={algo.lr:g}",
+               disable=not cfg.progress, mininterval=2)
+    while run.progress["epoch"] < algo.epochs:
+        epoch = run.progress["epoch"]
+        data.generator.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's order is fixed, so a resume skips exactly
+        losses, t0, seen = [], time.time(), 0
+        for index, batch in enumerate(data.epoch(algo.batch_size)):
+            if index < run.progress["batch"]:
+                continue
+            run.set_lr(total)
+            stats = sft_step(run.policy, batch, run.optimizer, algo.max_grad_norm)
+            losses.append(stats["loss/nll"])
+            seen += batch.batch_size[0]
+            run.progress["batch"] = index + 1
+            run.progress["updates"] += 1
+            bar.update()
+            bar.set_postfix(loss=f"{stats['loss/nll']:.3f}")
+            if run.progress["updates"] % algo.checkpoint_every == 0:
+                run.save()
+        run.progress["epoch"] += 1
+        run.progress["batch"] = 0
+        every = cfg.eval.every
+        run.log_metrics({"epoch": epoch + 1, "updates": run.progress["updates"], "loss": sum(losses) / max(len(losses), 1),
+                         "samples_per_s": seen / max(time.time() - t0, 1e-9)},
+                        evaluate=bool(every) and (epoch + 1) % every == 0 and epoch + 1 < algo.epochs)
+        run.save()
+    bar.close()
+
+
+def train_on_policy(run: Run) -> None:
+    from torchrl.collectors import Collector
+
+    from envs.placement import grid_positions
+    from envs.registry import placement_box
+    from vla_razor.rollouts import make_task_envs
+
+    cfg, algo = run.cfg, run.cfg.algo
+    x_range, y_range = placement_box(cfg.env.new_task)
+    cells = grid_positions(algo.grid, algo.grid, x_range, y_range)
+    # worker w runs its cells round-robin, trajectories_per_cell times each per pass
+    per_iteration = len(cells) * algo.trajectories_per_cell
+    env = make_task_envs(cfg.env.new_task, cells.repeat(algo.trajectories_per_cell, axis=0), cfg.env.num_workers,
+                         image_size=cfg.env.image_size, seed=cfg.seed + 7919 * run.progress["iteration"])
+    workers = env.batch_size[0]
+    collector = Collector(env, run.policy, frames_per_batch=workers * 8, trajs_per_batch=per_iteration,
+                          traj_format="padded", total_frames=-1)
+    run.policy.rollout_version = run.progress["updates"]
+    bar = tqdm(total=algo.iterations, initial=run.progress["iteration"], desc=f"{algo.name} lr={algo.lr:g}",
+               disable=not cfg.progress)
+    try:
+        t0 = time.time()
+        for trajectories in collector:
+            iteration = run.progress["iteration"]
+            # trajectories begun under the previous weights finish in this batch; keep the batch on-policy
+            fresh = trajectories["policy_version"][:, 0] == run.policy.rollout_version
+            stale = int((~fresh).sum())
+            trajectories = trajectories[fresh]
+            steps = int(trajectories["collector", "mask"].sum())
+            collect_s = time.time() - t0
+            success = (trajectories["next", "success"].squeeze(-1) & trajectories["collector", "mask"]).any(-1)
+            groups = _cell_ids(trajectories)
+            run.set_lr(algo.iterations)
+            t1 = time.time()
+            stats = policy_gradient_update(run.policy, trajectories, success.float(), run.optimizer,
+                                           objective=algo.objective, groups=groups,
+                                           minibatch_steps=algo.minibatch_steps, max_grad_norm=algo.max_grad_norm)
+            run.progress["iteration"] += 1
+            run.progress["updates"] += 1
+            run.policy.rollout_version = run.progress["updates"]
+            every = cfg.eval.every
+            run.log_metrics({"iteration": iteration + 1, "updates": run.progress["updates"],
+                             "rollout_success": 100 * float(success.float().mean()), "trajectories": len(success),
+                             "stale_dropped": stale,
+                             "env_steps": steps, "env_steps_per_s": steps / max(collect_s, 1e-9),
+                             "update_s": time.time() - t1, **{k: stats[k] for k in ("loss", "grad_norm")}},
+                            evaluate=bool(every) and (iteration + 1) % every == 0
+                            and iteration + 1 < algo.iterations)
+            run.save()
+            bar.update()
+            bar.set_postfix(success=f"{100 * float(success.float().mean()):.0f}%")
+            if run.progress["iteration"] >= algo.iterations:
+                break
+            t0 = time.time()
+    finally:
+        bar.close()
+        collector.shutdown()
+
+
+def _cell_ids(trajectories) -> torch.Tensor:
+    """A trajectory's start cell (its object placement) as a group id for GRPO."""
+    xy = trajectories["obj_init_xy"][:, 0]                                      # [N, 2] at the first step
+    return torch.round(xy * 1e4).long() @ torch.tensor([100_000, 1])
+
+
+def run_training(cfg: TrainVLAConfig) -> dict:
+    validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    final_path = out / "policy.pt"
+    data = demo_mixture(cfg) if cfg.algo.objective == "sft" else None
+    if cfg.algo.from_scratch:
+        policy, base, probe = build_policy(cfg.policy, data.instructions), None, None
+        policy.set_proprio_stats(*data.state_stats())
+        policy(data.batch(torch.arange(2)))  # materialize every parameter before the optimizer sees them
+    else:
+        base, _, _ = load_policy(cfg.base)
+        policy = base.frozen_copy()
+        for parameter in policy.parameters():
+            parameter.requires_grad_(True)
+        base.eval()
+        probe = new_task_probe(cfg)
+    run = Run(cfg, policy, base, probe)
+    if not run.restore() and base is not None:
+        run.log_metrics({"epoch" if data is not None else "iteration": 0, "updates": 0}, evaluate=False)
+    if data is not None:
+        train_sft(run, data)
+    else:
+        train_on_policy(run)
+    save_policy(final_path, policy, cfg.policy, extra={"algo": cfg.algo.name, "base": cfg.base,
+                                                       "demos_root": cfg.demos_root})
+    return finish(cfg, run, final_path)
+
+
+def finish(cfg: TrainVLAConfig, run: Run, final_path: Path) -> dict:
+    """Scores of the trained policy; for a fine-tuned one also the results row and the refreshed report."""
+    if cfg.algo.from_scratch:
+        from vla_razor.forgetting import base_scores
+
+        scores = base_scores(run.policy, str(final_path), cfg.env, cfg.eval, cfg.progress)
+        (Path(cfg.out_dir) / "scores.json").write_text(json.dumps(scores, indent=1))
+        log.info("base scores: %s", scores)
+        return scores
+    row = {"method": cfg.algo.name, "lr": cfg.algo.lr, "batch_size": cfg.algo.batch_size,
+           "schedule": cfg.algo.schedule, "epochs": cfg.algo.epochs, "iterations": cfg.algo.iterations,
+           "step": run.progress["updates"], "progress": 1.0, "run": str(cfg.out_dir)}
+    row.update(evaluate_checkpoint(run.policy, run.base, cfg.base, run.probe, cfg.env, cfg.eval,
+                                   progress=cfg.progress))
+    rows = append_row(cfg.results, row)
+    write_robot_report(rows, cfg.report_dir)
+    log.info("final: %s", {k: row[k] for k in row if k in ("new_score", "prior_score", "forgetting",
+                                                             "kl_base_to_policy")})
+    return row
+
+
+@hydra.main(config_path="../../configs", config_name="train_vla", version_base="1.3")
+def _hydra_main(cfg) -> None:
+    try:
+        run_training(OmegaConf.to_object(cfg))
+    except (FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        raise SystemExit(f"train-vla: {error}") from None
+
+
+def main() -> None:
+    sys.argv = translate_algo_flag(sys.argv, "train-vla", ALGOS)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""What a fine-tuned robot policy gained and forgot: new-task success, prior-task (drawer) success and forward KL
+to the base on new-task states -- one results row per checkpoint, the shared frontier / forgetting-law report.
+
+Scores are percentages of successful episodes over fixed, seeded evaluation positions (PROTOCOL: 100 uniform
+positions for the paper; fewer in the embedded presets), with the sampling policy (OpenVLA samples at deployment
+here too; ``greedy=True`` evaluates the argmax policy instead). The base's scores are cached beside the base file,
+keyed by everything that defines them, so a sweep evaluates the base once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vla_razor import results
+from vla_razor.rollouts import EpisodeResults, evaluate, make_task_envs
+
+
+@dataclass
+class EvalConfig:
+    """``eval`` block of train-vla / eval-forgetting."""
+
+    new_task_positions: int = 100   # uniform seeded positions in the new task's placement box
+    prior_positions: int = 20       # per prior task
+    kl_probe_states: int = 256      # new-task demo states for KL(pi_0 || pi)
+    seed: int = 0
+    greedy: bool = False
+    every: int = 0                  # also evaluate every N epochs / iterations during training (0: at the end)
+    prior: bool = True              # evaluate the prior (drawer) tasks
+
+
+@dataclass
+class TaskSet:
+    """The new task and the prior tasks whose success measures forgetting."""
+
+    new_task: str = "pick_can"
+    prior_tasks: list[str] = field(default_factory=lambda: ["open_drawer", "close_drawer"])
+    image_size: int = 128
+    num_workers: int = 2            # env worker processes (rollouts and evaluation)
+
+
+def task_positions(task: str, n: int, seed: int) -> np.ndarray:
+    from envs.placement import eval_positions
+    from envs.registry import placement_box
+
+    x_range, y_range = placement_box(task)
+    return eval_positions(n, x_range, y_range, seed=seed)
+
+
+def success_on(policies: dict, task: str, n: int, tasks: TaskSet, cfg: EvalConfig, *,
+               keep_frames: bool = False, progress: bool = True) -> dict[str, EpisodeResults]:
+    """Evaluate several policies on the same ``n`` positions of ``task`` with one set of env workers."""
+    positions = task_positions(task, n, cfg.seed)
+    env = make_task_envs(task, positions, tasks.num_workers, image_size=tasks.image_size, seed=cfg.seed)
+    out = {}
+    try:
+        for name, policy in policies.items():
+            with tqdm(total=n, desc=f"eval {name} on {task}", disable=not progress, leave=False) as bar:
+                out[name] = evaluate(policy, env, positions, seed=cfg.seed, greedy=cfg.greedy,
+                                     keep_frames=keep_frames, progress=bar.update)
+    finally:
+        env.close()
+    return out
+
+
+def _cache_key(base_path: str, tasks: TaskSet, cfg: EvalConfig) -> str:
+    stat = os.stat(base_path)
+    identity = {"base": os.path.abspath(base_path), "mtime": stat.st_mtime_ns, "size": stat.st_size,
+                "tasks": asdict(tasks), "n_new": cfg.new_task_positions, "n_prior": cfg.prior_positions,
+                "seed": cfg.seed, "greedy": cfg.greedy, "prior": cfg.prior}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_scores(base, base_path: str, tasks: TaskSet, cfg: EvalConfig, progress: bool = True) -> dict:
+    """Base new-task and prior-task scores, from the cache beside the base file when it holds them."""
+    cache = Path(base_path).with_name(f"base_eval-{_cache_key(base_path, tasks, cfg)}.json")
+    if cache.exists():
+        return json.loads(cache.read_text())
+    scores = {"new_score": 100 * success_on({"base": base}, tasks.new_task, cfg.new_task_positions, tasks, cfg,
+                                            progress=progress)["base"].success_rate}
+    if cfg.prior:
+        for task in tasks.prior_tasks:
+            scores[f"prior_{task}"] = 100 * success_on({"base": base}, task, cfg.prior_positions, tasks, cfg,
+                                                       progress=progress)["base"].success_rate
+        scores["prior_score"] = float(np.mean([scores[f"prior_{t}"] for t in tasks.prior_tasks]))
+    partial = cache.with_name(cache.name + ".partial")
+    partial.write_text(json.dumps(scores, indent=1))
+    os.replace(partial, cache)
+    return scores
+
+
+def evaluate_checkpoint(policy, base, base_path: str, probe, tasks: TaskSet, cfg: EvalConfig, *,
+                        prior: bool | None = None, progress: bool = True) -> dict:
+    """One results row: new/prior scores of ``policy``, the base's, forgetting and KL(pi_0 || pi) per action dim."""
+    from vla_razor.vla_train import kl_to_base
+
+    prior = cfg.prior if prior is None else prior
+    base_row = base_scores(base, base_path, tasks, cfg, progress)
+    row = {"kl_base_to_policy": kl_to_base(policy, base, probe, seed=cfg.seed),
+           "new_score": 100 * success_on({"policy": policy}, tasks.new_task, cfg.new_task_positions, tasks, cfg,
+                                         progress=progress)["policy"].success_rate,
+           "base_new_score": base_row["new_score"]}
+    if prior:
+        for task in tasks.prior_tasks:
+            row[f"prior_{task}"] = 100 * success_on({"policy": policy}, task, cfg.prior_positions, tasks, cfg,
+                                                    progress=progress)["policy"].success_rate
+        row["prior_score"] = float(np.mean([row[f"prior_{t}"] for t in tasks.prior_tasks]))
+        row["base_prior_score"] = base_row["prior_score"]
+        row["forgetting"] = base_row["prior_score"] - row["prior_score"]
+    return row
+
+
+def append_row(table: str | os.PathLike, row: dict) -> list[dict]:
+    """Add ``row`` to the shared results table (atomic rewrite); returns all rows."""
+    table = Path(table)
+    rows = results.read_rows(table) if table.exists() else []
+    rows.append(row)
+    results.write_rows(table, rows)
+    return rows
+
+
+def write_robot_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "Robot fine-tuning") -> dict | None:
+    """The shared frontier / forgetting-law report over rows that have prior-task scores."""
+    from vla_razor.report import write_report
+
+    rows = [r for r in rows if results.is_finite(r.get("forgetting")) and results.is_finite(r.get("new_score"))]
+    if not rows:
+        return None
+    return write_report(rows, out_dir, base_new_score=float(rows[-1]["base_new_score"]),
+                        base_prior_score=float(rows[-1]["base_prior_score"]), title=title,
+                        predictor_keys=("kl_base_to_policy",), n_boot=100)
