@@ -41,7 +41,6 @@ OPENVLA_PAD_ID = 32000
 IMAGE_PLACEHOLDER_ID = 32001         # padding rows: never produced by the text tokenizer
 PROPRIO_PLACEHOLDER_ID = 32002
 SPACE_TOKEN_ID = 29871               # the lone "▁" OpenVLA's training prompts end with before the action tokens
-OPENVLA_IMAGE_SIZE = 224
 
 KEY_PREFIXES = (  # (OpenVLA's HF checkpoint, native module)
     ("vision_backbone.", "model.vision_tower."),
@@ -343,7 +342,11 @@ def apply_decoder_lora(model: VLAForActionPrediction, r: int = 32, alpha: int = 
 
 def enable_gradient_checkpointing(model: VLAForActionPrediction) -> None:
     """Recompute activations in the backward of every decoder layer and ViT block (trades ~30% time for memory)."""
-    model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    language = model.model.language_model
+    if hasattr(language, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        language.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # the remote-code model's pinned transformers 4.40
+        language.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in model.modules():
         if isinstance(module, ViT):
             module.gradient_checkpointing = True
@@ -378,19 +381,24 @@ def configure_training(model: VLAForActionPrediction, options: OpenVLAOptions) -
     return model
 
 
-def load_openvla_model(options: OpenVLAOptions, config: dict, device: torch.device,
-                       dtype: torch.dtype) -> VLAForActionPrediction:
+def load_openvla_model(options: OpenVLAOptions, config: dict, device: torch.device, dtype: torch.dtype,
+                       dims: OpenVLADims | None = None) -> VLAForActionPrediction:
     """The 7B body + head from ``options.weights_dir``, natively or through OpenVLA's remote code."""
     if options.loader == "hf":
         remote = load_openvla_remote(options.weights_dir, dtype=dtype, attn_implementation=options.attn_implementation)
         return adapt_remote_openvla(remote).to(device)
     with torch.device("meta"):
-        model = build_openvla(dims_from_config(config), attn_implementation=options.attn_implementation)
+        model = build_openvla(dims or dims_from_config(config), attn_implementation=options.attn_implementation)
     return load_openvla_weights(model, options.weights_dir, dtype=dtype, device=device)
 
 
-def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, temperature: float):
-    """OpenVLA-7B as a :class:`~policies.vla_policy.TokenVLAPolicy` (224 px, 256 patches, no proprio)."""
+def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, temperature: float,
+                         dims: OpenVLADims | None = None):
+    """OpenVLA-7B as a :class:`~policies.vla_policy.TokenVLAPolicy` (224 px, 256 patches, no proprio).
+
+    ``dims`` overrides the sizes read from ``config.json`` (whose layout is the released 7B one): the tests load
+    a tiny checkpoint written in OpenVLA's naming through this same path.
+    """
     from policies.causal_lm import resolve_dtype
     from policies.vla_policy import TokenVLAPolicy
 
@@ -402,12 +410,13 @@ def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, tempe
     tokenizer = LlamaPromptTokenizer.from_dir(options.weights_dir)
     device = torch.device(options.device if options.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    model = configure_training(load_openvla_model(options, config, device, resolve_dtype(options.dtype, device)),
-                               options)
+    model = configure_training(
+        load_openvla_model(options, config, device, resolve_dtype(options.dtype, device), dims), options)
     log.info("OpenVLA (%s loader) from %s: %.2fB parameters, %.1fM trainable", options.loader, options.weights_dir,
              sum(p.numel() for p in model.parameters()) / 1e9,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    policy = TokenVLAPolicy(model, tokenizer, num_image_tokens=OPENVLA_7B.num_image_tokens,
-                            image_size=OPENVLA_IMAGE_SIZE, use_proprio=False, prompt_template=prompt_template,
+    dims = dims or OPENVLA_7B
+    policy = TokenVLAPolicy(model, tokenizer, num_image_tokens=dims.num_image_tokens,
+                            image_size=dims.dino.image_size, use_proprio=False, prompt_template=prompt_template,
                             temperature=temperature, action_tokenizer=action_tokenizer)
     return policy.to(device)
