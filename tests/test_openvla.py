@@ -6,6 +6,7 @@ stacked, ``logits[:, -8:-1]`` for the 7 action tokens, ``predict_action``'s de-t
 only ever instantiated on the meta device.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,42 +196,37 @@ def test_vits_match_transformers_dinov2_registers_and_siglip():
     hf_siglip = SiglipVisionModel(SiglipVisionConfig(
         hidden_size=s.embed_dim, num_hidden_layers=s.depth, num_attention_heads=s.num_heads,
         intermediate_size=s.mlp_hidden, image_size=IMAGE, patch_size=s.patch_size, hidden_act="gelu")).eval()
-    ours_d, ours_s = dino.state_dict(), siglip.state_dict()
     embeddings = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "reg_token",
                   "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
                   "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
                   "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
                   "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
+    renames = {"attention.o_proj": "attn.proj", "layer_scale1.lambda1": "ls1.scale_factor",
+               "layer_scale2.lambda1": "ls2.scale_factor", "self_attn.out_proj": "attn.proj",
+               "layer_norm1": "norm1", "layer_norm2": "norm2"}
+
+    def copy_into(hf, ours, layers, positions):
+        for name, p in hf.named_parameters():
+            if name.startswith(layers):
+                i, rest = name[len(layers):].split(".", 1)
+                proj = rest.split(".")[1]
+                if proj in ("q_proj", "k_proj", "v_proj"):  # timm fuses them into one qkv, in that order
+                    p.copy_(ours[f"blocks.{i}.attn.qkv.{rest.rsplit('.', 1)[1]}"].chunk(3)["qkv".index(proj[0])])
+                else:
+                    for theirs, mine in renames.items():
+                        rest = rest.replace(theirs, mine)
+                    p.copy_(ours[f"blocks.{i}.{rest}"])
+            elif name in embeddings:
+                p.copy_(ours[embeddings[name]])
+            elif name in positions:
+                p.copy_(positions[name])
+
     with torch.no_grad():
-        for name, p in hf_dino.named_parameters():
-            if name == "embeddings.position_embeddings":  # HF keeps a class-token slot; timm's no_embed_class none
-                p.copy_(torch.cat([torch.zeros_like(p[:, :1]), ours_d["pos_embed"]], dim=1))
-            elif name.startswith("encoder.layer."):
-                i, rest = name[len("encoder.layer."):].split(".", 1)
-                if rest.startswith("attention.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-                    which = "qkv".index(rest.split(".")[1][0])
-                    kind = rest.rsplit(".", 1)[1]
-                    p.copy_(ours_d[f"blocks.{i}.attn.qkv.{kind}"].chunk(3)[which])
-                else:
-                    rest = (rest.replace("attention.o_proj", "attn.proj").replace("layer_scale1.lambda1", "ls1.scale_factor")
-                            .replace("layer_scale2.lambda1", "ls2.scale_factor"))
-                    p.copy_(ours_d[f"blocks.{i}.{rest}"])
-            elif name in embeddings:
-                p.copy_(ours_d[embeddings[name]])
-        for name, p in hf_siglip.named_parameters():
-            if name == "embeddings.position_embedding.weight":
-                p.copy_(ours_s["pos_embed"][0])
-            elif name.startswith("encoder.layers."):
-                i, rest = name[len("encoder.layers."):].split(".", 1)
-                if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-                    which = "qkv".index(rest.split(".")[1][0])
-                    p.copy_(ours_s[f"blocks.{i}.attn.qkv.{rest.rsplit('.', 1)[1]}"].chunk(3)[which])
-                else:
-                    rest = (rest.replace("self_attn.out_proj", "attn.proj").replace("layer_norm1", "norm1")
-                            .replace("layer_norm2", "norm2"))
-                    p.copy_(ours_s[f"blocks.{i}.{rest}"])
-            elif name in embeddings:
-                p.copy_(ours_s[embeddings[name]])
+        pos_d, pos_s = dino.pos_embed, siglip.pos_embed
+        # HF's DINOv2 keeps a class-token position; timm's no_embed_class gives the class token none (zero)
+        copy_into(hf_dino, dino.state_dict(), "encoder.layer.",
+                  {"embeddings.position_embeddings": torch.cat([torch.zeros_like(pos_d[:, :1]), pos_d], dim=1)})
+        copy_into(hf_siglip, siglip.state_dict(), "encoder.layers.", {"embeddings.position_embedding.weight": pos_s[0]})
     pixels = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         want_d = hf_dino(pixels, output_hidden_states=True).hidden_states[d.depth - 1][:, 5:]
@@ -368,3 +364,18 @@ def test_openvla_tiny_saves_and_loads(tmp_path):
     batch, tokens = robot_batch(), torch.randint(0, 256, (3, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().token_logits(batch, tokens), policy.token_logits(batch, tokens))
+
+
+@pytest.mark.parametrize("name", ["openvla_tiny", "openvla"])
+def test_policy_configs_validate_against_the_dataclass(name):
+    from omegaconf import OmegaConf
+
+    yaml = Path(__file__).parent.parent / "configs" / "policy" / f"{name}.yaml"
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(yaml)))
+    assert cfg.kind == name
+    if name == "openvla":
+        assert cfg.openvla.unnorm_key == UNNORM_KEY and cfg.prompt_template == OPENVLA_PROMPT
+        return
+    policy = build_policy(cfg, INSTRUCTIONS).eval()
+    out = policy(robot_batch())
+    assert out["action"].shape == (3, 7) and policy.num_image_tokens == 16
