@@ -325,7 +325,9 @@ def apply_decoder_lora(model: VLAForActionPrediction, r: int = 32, alpha: int = 
                        dropout: float = 0.0) -> VLAForActionPrediction:
     """LoRA on every linear layer of the Llama decoder, in place; only the adapters stay trainable.
 
-    ``alpha=16`` with ``r=32`` is OpenVLA's fine-tuning recipe (``lora_alpha=min(r, 16)``).
+    ``alpha=16`` with ``r=32`` follows OpenVLA's ``vla-scripts/finetune.py`` (``lora_alpha=min(r, 16)``); that script
+    targets "all-linear" of the whole VLA (vision and projector too) with Gaussian init, while here the adapters sit
+    on the decoder only, so vision features stay the pretrained ones and peft's default init keeps step 0 exact.
     """
     try:
         from peft import LoraConfig, inject_adapter_in_model
