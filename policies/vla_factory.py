@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from policies.openvla import OpenVLAOptions, build_openvla, build_openvla_policy, configure_training, tiny_dims
 from policies.vla_model import VLAModelConfig, build_tiny_vla, num_image_tokens
 from policies.vla_policy import OPENVLA_PROMPT, PromptTokenizer, TokenVLAPolicy
 from vla_razor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -21,28 +22,40 @@ POLICY_FORMAT = "vla-razor-policy-v1"
 
 @dataclass
 class PolicyConfig:
-    """``policy/`` config group. ``kind`` picks the builder; the tiny VLA is the embedded default."""
+    """``policy/`` config group. ``kind`` picks the builder; the tiny VLA is the embedded default.
+
+    ``model`` sizes the tiny kinds (``openvla_tiny`` reads it as OpenVLA's layout at tiny dims); ``openvla`` says
+    where OpenVLA-7B's weights are and how both OpenVLA kinds train (LoRA, gradient checkpointing).
+    """
 
     kind: str = "tiny_vla"
     model: VLAModelConfig = field(default_factory=VLAModelConfig)
+    openvla: OpenVLAOptions = field(default_factory=OpenVLAOptions)
     prompt_template: str = OPENVLA_PROMPT
     temperature: float = 1.0     # rollout sampling temperature (log-probs are of the tempered policy)
 
 
-BUILDERS = ("tiny_vla",)
+BUILDERS = ("tiny_vla", "openvla_tiny", "openvla")
 
 
 def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | None = None) -> TokenVLAPolicy:
-    """A randomly initialized policy whose prompt vocabulary covers ``instructions`` (or exactly ``words``)."""
+    """A policy whose prompt vocabulary covers ``instructions`` (or exactly ``words``): randomly initialized for the
+    tiny kinds, OpenVLA-7B's released weights (and its own tokenizer) for ``openvla``."""
     if cfg.kind not in BUILDERS:
         raise ValueError(f"policy.kind={cfg.kind!r} is unknown; known: {list(BUILDERS)}")
+    if cfg.kind == "openvla":
+        return build_openvla_policy(cfg.openvla, prompt_template=cfg.prompt_template, temperature=cfg.temperature)
     if words is None:
         tokenizer = PromptTokenizer.from_texts([cfg.prompt_template, *instructions])
     else:
         tokenizer = PromptTokenizer(words)
     model_cfg = VLAModelConfig(**{**asdict(cfg.model), "vocab_size": len(tokenizer) + 256})
-    model = build_tiny_vla(model_cfg, image_token_id=tokenizer.token_id("<image>"),
-                           proprio_token_id=tokenizer.token_id("<proprio>"))
+    if cfg.kind == "openvla_tiny":
+        dims = tiny_dims(**asdict(model_cfg))
+        model = configure_training(build_openvla(dims, image_token_id=tokenizer.image_id,
+                                                 proprio_token_id=tokenizer.proprio_id), cfg.openvla)
+    else:
+        model = build_tiny_vla(model_cfg, image_token_id=tokenizer.image_id, proprio_token_id=tokenizer.proprio_id)
     return TokenVLAPolicy(model, tokenizer, num_image_tokens=num_image_tokens(model_cfg),
                           image_size=model_cfg.image_size, use_proprio=bool(model_cfg.proprio_dim),
                           proprio_dim=model_cfg.proprio_dim or 1, prompt_template=cfg.prompt_template,
@@ -51,13 +64,14 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
 
 def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConfig, extra: dict | None = None) -> Path:
     return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(cfg),
-                                  "words": policy.prompt_tokenizer.words,
+                                  "words": getattr(policy.prompt_tokenizer, "words", None),
                                   "state_dict": policy.state_dict(), "extra": extra or {}})
 
 
 def policy_config_from_dict(data: dict) -> PolicyConfig:
     data = dict(data)
     data["model"] = VLAModelConfig(**data["model"])
+    data["openvla"] = OpenVLAOptions(**data.get("openvla", {}))
     return PolicyConfig(**data)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from policies.openvla_fast import _cache_kwarg
+
 
 @dataclass
 class VLAModelConfig:
@@ -73,6 +75,9 @@ class VLABody(nn.Module):
         self.image_token_id = image_token_id
         self.proprio_token_id = proprio_token_id
         self.config = language_model.config  # num_hidden_layers for the pre-allocated KV cache
+        # transformers >= 5.2x calls the KV-cache argument `cache`, older ones `past_key_values` (OpenVLA's
+        # remote code pins 4.40); this body always takes `cache` and passes it on under the decoder's name.
+        self._cache_arg = _cache_kwarg(language_model)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> ``[B, N, d]`` decoder-width patch features."""
@@ -98,16 +103,16 @@ class VLABody(nn.Module):
             features = self.proprio_projector(proprio.to(embeds.dtype)).unsqueeze(1)  # [B, 1, d]
             embeds = self._scatter(embeds, input_ids, self.proprio_token_id, features, "proprio")
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, use_cache=use_cache, **kwargs)
+                                   use_cache=use_cache, **{self._cache_arg: cache}, **kwargs)
 
 
 class VLAForActionPrediction(nn.Module):
     """Body + untied LM head (Llama-2's), the shape of OpenVLA's ``OpenVLAForActionPrediction``."""
 
-    def __init__(self, body: VLABody, vocab_size: int):
+    def __init__(self, body: VLABody, vocab_size: int, lm_head: nn.Linear | None = None):
         super().__init__()
         self.model = body
-        self.lm_head = nn.Linear(body.config.hidden_size, vocab_size, bias=False)
+        self.lm_head = lm_head if lm_head is not None else nn.Linear(body.config.hidden_size, vocab_size, bias=False)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

@@ -12,11 +12,15 @@
   ``[..., 7, 256]`` restricted logits of all 7 positions from ONE teacher-forced forward.
 
 The model is anything with OpenVLA's body/head layout (:class:`policies.vla_model.VLAForActionPrediction`, the
-tiny embedded one or the 7B); the prompt tokenizer is in-process for the embedded default.
+tiny embedded one or the native 7B, or the adapter over OpenVLA's own remote-code model in :mod:`policies.openvla`);
+the prompt tokenizer is in-process for the embedded default and Llama-2's for OpenVLA (:class:`TextTokenizer`).
+Pixels leave :meth:`TokenVLAPolicy.prepare` as ``[B, 3, H, W]`` in ``[-1, 1]``; a vision tower that needs another
+normalization (OpenVLA's DINOv2 half) derives it itself.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +34,26 @@ from vla_razor.policy import TokenPolicy
 
 OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 ACTION_DIM = 7
+ACTION_BINS = 256
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<proprio>")
+
+
+class TextTokenizer(Protocol):
+    """What :class:`TokenVLAPolicy` needs from a prompt tokenizer (the in-process one, or Llama-2's for OpenVLA).
+
+    ``image_id`` / ``proprio_id`` are placeholder ids the body overwrites with features; they need no text meaning
+    (OpenVLA has no ``<image>`` token: its placeholders sit in the vocabulary's padding rows). The 256 action ids
+    are ``[action_id_end - 256, action_id_end)``.
+    """
+
+    bos_id: int
+    pad_id: int
+    image_id: int
+    proprio_id: int | None
+    action_id_end: int
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 class PromptTokenizer:
@@ -68,6 +90,26 @@ class PromptTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    @property
+    def bos_id(self) -> int:
+        return self.vocab["<s>"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab["<pad>"]
+
+    @property
+    def image_id(self) -> int:
+        return self.vocab["<image>"]
+
+    @property
+    def proprio_id(self) -> int:
+        return self.vocab["<proprio>"]
+
+    @property
+    def action_id_end(self) -> int:
+        return len(self.vocab) + ACTION_BINS
+
 
 def instruction_strings(value, batch: int) -> list[str]:
     """The ``language_instruction`` entry of a batch as ``batch`` strings (one string is broadcast)."""
@@ -97,7 +139,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
 
     Args:
         model: body ``.model`` + ``get_output_embeddings()`` (see module docstring).
-        prompt_tokenizer: maps prompt text to ids; must know ``<s>``, ``<pad>``, ``<image>`` (and ``<proprio>``).
+        prompt_tokenizer: a :class:`TextTokenizer` (bos/pad/placeholder ids, where the 256 action ids end).
         num_image_tokens: patches the vision tower emits per image.
         image_size: model input resolution; frames are resized to it (antialiased).
         use_proprio: put the normalized state at a ``<proprio>`` placeholder.
@@ -105,7 +147,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         temperature: sampling temperature of the rollout policy (log-probs are of the tempered distribution).
     """
 
-    def __init__(self, model: torch.nn.Module, prompt_tokenizer: PromptTokenizer, *, num_image_tokens: int,
+    def __init__(self, model: torch.nn.Module, prompt_tokenizer: TextTokenizer, *, num_image_tokens: int,
                  image_size: int, use_proprio: bool = True, proprio_dim: int = 19,
                  prompt_template: str = OPENVLA_PROMPT, temperature: float = 1.0,
                  action_tokenizer: ActionTokenizer | None = None):
@@ -121,10 +163,13 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         self.prompt_template = prompt_template
         self.temperature = float(temperature)
         lm_vocab = model.get_output_embeddings().weight.shape[0]
-        if lm_vocab != len(prompt_tokenizer) + action_tokenizer.num_bins:
-            raise ValueError(f"model vocabulary {lm_vocab} != prompt vocabulary {len(prompt_tokenizer)} + "
-                             f"{action_tokenizer.num_bins} action bins")
-        self.register_buffer("action_token_ids", torch.arange(lm_vocab - action_tokenizer.num_bins, lm_vocab))
+        end, num_bins = prompt_tokenizer.action_id_end, action_tokenizer.num_bins
+        placeholders = [prompt_tokenizer.image_id] + ([prompt_tokenizer.proprio_id] if use_proprio else [])
+        if not num_bins <= end <= lm_vocab or max(placeholders) >= lm_vocab:
+            raise ValueError(f"model vocabulary {lm_vocab} does not hold the tokenizer's action ids "
+                             f"[{end - num_bins}, {end}) and placeholder ids {placeholders}; build the model "
+                             "with the tokenizer's vocabulary size")
+        self.register_buffer("action_token_ids", torch.arange(end - num_bins, end))
         self.register_buffer("proprio_mean", torch.zeros(proprio_dim))
         self.register_buffer("proprio_std", torch.ones(proprio_dim))
         self._prompt_cache: dict[str, list[int]] = {}
@@ -142,9 +187,9 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         if ids is None:
             tok = self.prompt_tokenizer
             text = self.prompt_template.format(instruction=instruction.rstrip("?. ").lower())
-            prefix = [tok.token_id("<s>")] + [tok.token_id("<image>")] * self.num_image_tokens
+            prefix = [tok.bos_id] + [tok.image_id] * self.num_image_tokens
             if self.use_proprio:
-                prefix.append(tok.token_id("<proprio>"))
+                prefix.append(tok.proprio_id)
             ids = self._prompt_cache[instruction] = prefix + tok.encode(text)
         return ids
 
@@ -163,7 +208,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         pixels = pixels / 127.5 - 1.0  # SigLIP's mean/std of 0.5
         prompts = [self._prompt_ids(s) for s in instruction_strings(self._get_instruction(batch), n)]
         length = max(len(p) for p in prompts)
-        pad = self.prompt_tokenizer.token_id("<pad>")
+        pad = self.prompt_tokenizer.pad_id
         input_ids = torch.full((n, length), pad, dtype=torch.long)
         attention_mask = torch.zeros((n, length), dtype=torch.long)
         for row, ids in enumerate(prompts):  # left padding: the action tokens always come last

@@ -1,0 +1,424 @@
+"""OpenVLA-7B behind :class:`~policies.vla_policy.TokenVLAPolicy`: a native build that loads the released weights by
+key mapping, an adapter over OpenVLA's own remote code, and the tiny-dimension twin used on CPU.
+
+Architecture (facts from OpenVLA's ``prismatic/extern/hf/modeling_prismatic.py`` and ``configuration_prismatic.py``,
+vision backbone ``dinosiglip-vit-so-224px``):
+
+- vision: DINOv2-L/14-reg4 + SigLIP-SO400M/14 patch features of the second-to-last block, concatenated -> 2176 per
+  patch, 256 patches at 224 px (:mod:`policies.openvla_vision`);
+- projector (``use_fused_vision_backbone``): ``fc1`` 2176 -> 4 * 2176, GELU, ``fc2`` -> 4096, GELU, ``fc3`` 4096 ->
+  4096, all with bias;
+- Llama-2-7B (``LlamaForCausalLM``), vocabulary padded from 32000 to 32064 (``pad_token_id=32000``,
+  ``pad_to_multiple_of=64``), untied ``lm_head``; the patches go right after ``<s>``.
+
+OpenVLA inserts patches by concatenation and has no ``<image>`` token. Here the prompt carries 256 placeholder ids
+instead -- id 32001, one of the padding rows no text ever uses -- and :class:`~policies.vla_model.VLABody` scatters
+the patches there: the same positions, attention and rotary offsets, one mechanism for the tiny model and the 7B.
+
+Checkpoint keys (OpenVLA's HF naming -> this module's): ``vision_backbone.*`` -> ``model.vision_tower.*``,
+``projector.*`` -> ``model.projector.*``, ``language_model.model.*`` -> ``model.language_model.*``,
+``language_model.lm_head.*`` -> ``lm_head.*``. Everything under those prefixes keeps its name (timm's ViT names with
+OpenVLA's ``ls*.scale_factor``, transformers' Llama names), so the remote-code adapter has the same keys too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from policies.openvla_vision import DINOV2_L14_REG4, SIGLIP_SO400M14, FusedVisionTower, ViT, ViTConfig
+from policies.vla_model import MLPProjector, VLABody, VLAForActionPrediction
+from vla_razor.action_tokens import OPENVLA_BASE_VOCAB_SIZE, ActionTokenizer, make_action_tokenizer
+
+log = logging.getLogger(__name__)
+
+OPENVLA_VOCAB_SIZE = 32064           # Llama-2's 32000 + <PAD>, padded to a multiple of 64
+OPENVLA_PAD_ID = 32000
+IMAGE_PLACEHOLDER_ID = 32001         # padding rows: never produced by the text tokenizer
+PROPRIO_PLACEHOLDER_ID = 32002
+SPACE_TOKEN_ID = 29871               # the lone "▁" OpenVLA's training prompts end with before the action tokens
+
+KEY_PREFIXES = (  # (OpenVLA's HF checkpoint, native module)
+    ("vision_backbone.", "model.vision_tower."),
+    ("projector.", "model.projector."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class OpenVLAWeightsError(ValueError):
+    """A weights folder that does not match the architecture (names the keys and how to fix it)."""
+
+
+@dataclass(frozen=True)
+class OpenVLADims:
+    """Every size of the native build. :data:`OPENVLA_7B` is the released model; tests use tiny ones."""
+
+    dino: ViTConfig = DINOV2_L14_REG4
+    siglip: ViTConfig = SIGLIP_SO400M14
+    hidden: int = 4096
+    layers: int = 32
+    heads: int = 32
+    intermediate: int = 11008
+    vocab_size: int = OPENVLA_VOCAB_SIZE
+    max_positions: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    proprio_dim: int | None = None   # OpenVLA has no proprio token; the tiny CPU twin may add one
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.dino.num_patches
+
+
+OPENVLA_7B = OpenVLADims()
+
+
+class FusedProjector(nn.Module):
+    """OpenVLA's fused-backbone projector (``fc1`` -> GELU -> ``fc2`` -> GELU -> ``fc3``), its parameter names."""
+
+    def __init__(self, vision_dim: int, llm_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+        self.act_fn1 = nn.GELU()
+        self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+        self.act_fn2 = nn.GELU()
+        self.fc3 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act_fn2(self.fc2(self.act_fn1(self.fc1(patches)))))
+
+
+def build_openvla(dims: OpenVLADims = OPENVLA_7B, *, attn_implementation: str = "sdpa",
+                  image_token_id: int = IMAGE_PLACEHOLDER_ID,
+                  proprio_token_id: int = PROPRIO_PLACEHOLDER_ID) -> VLAForActionPrediction:
+    """OpenVLA's architecture from plain torch + transformers' Llama, randomly initialized.
+
+    Build it under ``torch.device("meta")`` to load the 7B weights without first allocating random ones
+    (:func:`load_openvla_weights` assigns the loaded tensors).
+    """
+    from transformers import LlamaConfig, LlamaModel
+
+    if dims.dino.num_patches != dims.siglip.num_patches:
+        raise ValueError(f"DINOv2 and SigLIP must see the same patch grid, got {dims.dino} and {dims.siglip}")
+    language = LlamaModel(LlamaConfig(
+        vocab_size=dims.vocab_size, hidden_size=dims.hidden, intermediate_size=dims.intermediate,
+        num_hidden_layers=dims.layers, num_attention_heads=dims.heads, num_key_value_heads=dims.heads,
+        max_position_embeddings=dims.max_positions, rms_norm_eps=dims.rms_norm_eps, rope_theta=dims.rope_theta,
+        tie_word_embeddings=False,
+        attn_implementation=attn_implementation))
+    tower = FusedVisionTower(ViT(dims.dino), ViT(dims.siglip))
+    proprio = MLPProjector(dims.proprio_dim, dims.hidden, depth=2) if dims.proprio_dim else None
+    body = VLABody(tower, FusedProjector(tower.embed_dim, dims.hidden), language,
+                   image_token_id=image_token_id, proprio_token_id=proprio_token_id if proprio else None,
+                   proprio_projector=proprio)
+    return VLAForActionPrediction(body, dims.vocab_size)
+
+
+def tiny_dims(*, image_size: int = 56, patch_size: int = 14, vision_hidden: int = 32, vision_layers: int = 2,
+              vision_heads: int = 2, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
+              vocab_size: int, proprio_dim: int | None = None) -> OpenVLADims:
+    """OpenVLA's layout at CPU-test size. SigLIP is made 1.5x wider than DINOv2, as 1152 vs 1024, so a swapped
+    concatenation order cannot go unnoticed."""
+    common = dict(depth=vision_layers, num_heads=vision_heads, patch_size=patch_size, image_size=image_size)
+    dino = replace(DINOV2_L14_REG4, embed_dim=vision_hidden, mlp_hidden=4 * vision_hidden, **common)
+    wide = vision_hidden * 3 // 2 // vision_heads * vision_heads
+    siglip = replace(SIGLIP_SO400M14, embed_dim=wide, mlp_hidden=4 * wide, **common)
+    return OpenVLADims(dino=dino, siglip=siglip, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
+                       vocab_size=vocab_size, max_positions=512, proprio_dim=proprio_dim)
+
+
+# -- weights ---------------------------------------------------------------------------------------------------------
+def native_key(openvla_key: str) -> str | None:
+    """OpenVLA checkpoint key -> this module's key (None: not part of the architecture)."""
+    for theirs, ours in KEY_PREFIXES:
+        if openvla_key.startswith(theirs):
+            return ours + openvla_key[len(theirs):]
+    return None
+
+
+def openvla_key(native: str) -> str:
+    """The inverse of :func:`native_key` (for error messages in the checkpoint's own terms)."""
+    for theirs, ours in KEY_PREFIXES:
+        if native.startswith(ours):
+            return theirs + native[len(ours):]
+    return native
+
+
+def _shard_files(weights_dir: Path) -> list[Path]:
+    index = weights_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [weights_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = weights_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{weights_dir} has neither model.safetensors.index.json nor model.safetensors; "
+                            "download the OpenVLA checkpoint (e.g. openvla/openvla-7b) into it")
+
+
+def _listed(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def load_openvla_weights(model: VLAForActionPrediction, weights_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                         device: str | torch.device = "cpu") -> VLAForActionPrediction:
+    """Load OpenVLA's sharded safetensors into a :func:`build_openvla` model (meta or real), strictly.
+
+    Every architecture key must be in the files and every file key must map onto the architecture; otherwise one
+    :class:`OpenVLAWeightsError` lists both sets. Tensors are assigned (not copied), so a meta-device model
+    never holds random weights.
+    """
+    from safetensors import safe_open
+
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(f"OpenVLA weights folder {weights_dir} does not exist; download the checkpoint "
+                                "(config.json, tokenizer, *.safetensors) there or fix policy.openvla.weights_dir")
+    state, unexpected = {}, []
+    for path in _shard_files(weights_dir):
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path.name} listed in the index is missing from {weights_dir}; "
+                                    "finish the download")
+        with safe_open(str(path), framework="pt", device=str(device)) as shard:
+            for key in shard.keys():
+                ours = native_key(key)
+                if ours is None:
+                    unexpected.append(key)
+                else:
+                    state[ours] = shard.get_tensor(key)
+    expected = model.state_dict()
+    missing = [openvla_key(k) for k in expected if k not in state]
+    unexpected += [openvla_key(k) for k in state if k not in expected]
+    wrong = [f"{openvla_key(k)} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise OpenVLAWeightsError(
+            f"{weights_dir} does not match OpenVLA's architecture: missing {_listed(missing)}; unexpected "
+            f"{_listed(unexpected)}; wrong shape (file vs model) {_listed(wrong)}. Use an OpenVLA "
+            "dinosiglip-224px checkpoint (e.g. openvla/openvla-7b) or build the matching dims")
+    for key, value in state.items():
+        if value.is_floating_point():
+            state[key] = value.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    _rebuild_rotary(model, device)
+    return model
+
+
+def _rebuild_rotary(model: VLAForActionPrediction, device) -> None:
+    """Rotary frequencies are a non-persistent buffer (never in a checkpoint): recompute them where the weights are,
+    or a meta-built model keeps meta ``inv_freq``."""
+    language = model.model.language_model
+    rotary = type(language.rotary_emb)(config=language.config)
+    language.rotary_emb = rotary.to(device)
+
+
+def read_openvla_config(weights_dir: str | Path) -> dict:
+    path = Path(weights_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; point policy.openvla.weights_dir at a downloaded OpenVLA "
+                                "checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def dims_from_config(config: dict) -> OpenVLADims:
+    """The native dims for a checkpoint's ``config.json`` (only the released fused 224 px layout is supported)."""
+    backbone = config.get("vision_backbone_id", "dinosiglip-vit-so-224px")
+    if backbone != "dinosiglip-vit-so-224px" or not config.get("use_fused_vision_backbone", True):
+        raise ValueError(f"vision_backbone_id={backbone!r}: the native OpenVLA build supports "
+                         "'dinosiglip-vit-so-224px' only; use policy.openvla.loader=hf for other backbones")
+    text = config.get("text_config", {})
+    return replace(OPENVLA_7B, **{ours: text[theirs] for ours, theirs in (
+        ("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
+        ("intermediate", "intermediate_size"), ("vocab_size", "vocab_size"),
+        ("max_positions", "max_position_embeddings"), ("rms_norm_eps", "rms_norm_eps"),
+        ("rope_theta", "rope_theta")) if theirs in text})
+
+
+def openvla_action_tokenizer(config: dict, unnorm_key: str | None) -> ActionTokenizer:
+    """Window-id action tokenizer whose decode un-normalizes with ``config.json``'s ``norm_stats[unnorm_key]``."""
+    stats = config.get("norm_stats") or {}
+    if not stats:
+        raise ValueError("config.json has no norm_stats; this is not an OpenVLA action checkpoint")
+    if unnorm_key is None and len(stats) == 1:
+        unnorm_key = next(iter(stats))  # OpenVLA's own rule: a single-dataset model needs no key
+    if unnorm_key not in stats:
+        raise ValueError(f"policy.openvla.unnorm_key={unnorm_key!r} is not in config.json's norm_stats; "
+                         f"choose one of {sorted(stats)}")
+    return make_action_tokenizer(norm_stats=stats, unnorm_key=unnorm_key)
+
+
+# -- text ------------------------------------------------------------------------------------------------------------
+class LlamaPromptTokenizer:
+    """OpenVLA's Llama-2 sentencepiece tokenizer as a :class:`~policies.vla_policy.TextTokenizer`.
+
+    ``encode`` appends the lone "▁" (29871) unless the text already ends with it, as OpenVLA's ``predict_action``
+    does: its training prompts had it right before the action tokens.
+    """
+
+    def __init__(self, hf_tokenizer, *, space_id: int = SPACE_TOKEN_ID):
+        self.hf_tokenizer = hf_tokenizer
+        self.space_id = space_id
+        self.bos_id = int(hf_tokenizer.bos_token_id)
+        self.pad_id = OPENVLA_PAD_ID
+        self.image_id = IMAGE_PLACEHOLDER_ID
+        self.proprio_id = PROPRIO_PLACEHOLDER_ID
+        self.action_id_end = OPENVLA_BASE_VOCAB_SIZE
+
+    @classmethod
+    def from_dir(cls, weights_dir: str | Path) -> LlamaPromptTokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(weights_dir)))
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(f"cannot load OpenVLA's tokenizer from {weights_dir} ({err}); the folder needs "
+                                    "tokenizer.model / tokenizer.json from the checkpoint") from None
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(self.hf_tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids if ids and ids[-1] == self.space_id else ids + [self.space_id]
+
+
+# -- the remote-code model ---------------------------------------------------------------------------------------
+def load_openvla_remote(weights_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                        attn_implementation: str = "sdpa") -> nn.Module:
+    """OpenVLA's own ``OpenVLAForActionPrediction`` through transformers' remote code (its pinned versions:
+    transformers 4.40.1, timm 0.9.x), from a local folder or hub id."""
+    try:
+        import timm  # noqa: F401  (the remote code imports it; fail here with the fix instead of deep inside)
+        from transformers import AutoConfig
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    except ImportError as err:
+        raise ImportError(f"policy.openvla.loader=hf needs OpenVLA's pinned stack ({err}): pip install "
+                          "transformers==4.40.1 timm==0.9.10 tokenizers==0.19.1, or use loader=native") from None
+    config = AutoConfig.from_pretrained(str(weights_dir), trust_remote_code=True)
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModelForVision2Seq")
+    if reference is None:
+        raise ValueError(f"{weights_dir}'s config.json has no auto_map['AutoModelForVision2Seq']; "
+                         "not an OpenVLA checkpoint")
+    cls = get_class_from_dynamic_module(reference, str(weights_dir))
+    return cls.from_pretrained(str(weights_dir), torch_dtype=dtype, attn_implementation=attn_implementation,
+                               trust_remote_code=True)
+
+
+def adapt_remote_openvla(remote: nn.Module) -> VLAForActionPrediction:
+    """OpenVLA's remote-code model re-assembled as body + head, sharing its modules (no copy).
+
+    The body scatters the projected patches at the placeholder ids instead of concatenating after ``<s>``: the
+    same sequence, so :mod:`policies.openvla_fast` and :class:`TokenVLAPolicy` run on it unchanged, with the
+    native build's state-dict keys.
+    """
+    lm, vision = remote.language_model, remote.vision_backbone
+    body = VLABody(FusedVisionTower(vision.featurizer, vision.fused_featurizer), remote.projector, lm.model,
+                   image_token_id=IMAGE_PLACEHOLDER_ID)
+    return VLAForActionPrediction(body, lm.lm_head.weight.shape[0], lm_head=lm.get_output_embeddings())
+
+
+# -- training options ---------------------------------------------------------------------------------------------
+def apply_decoder_lora(model: VLAForActionPrediction, r: int = 32, alpha: int = 16,
+                       dropout: float = 0.0) -> VLAForActionPrediction:
+    """LoRA on every linear layer of the Llama decoder, in place; only the adapters stay trainable.
+
+    ``alpha=16`` with ``r=32`` follows OpenVLA's ``vla-scripts/finetune.py`` (``lora_alpha=min(r, 16)``); that script
+    targets "all-linear" of the whole VLA (vision and projector too) with Gaussian init, while here the adapters sit
+    on the decoder only, so vision features stay the pretrained ones and peft's default init keeps step 0 exact.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ImportError("LoRA needs peft, which is not installed: pip install -e .[lora] "
+                          "(or set policy.openvla.lora_rank=0 for full fine-tuning)") from None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LLAMA_LINEARS))
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model.model.language_model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return model
+
+
+def enable_gradient_checkpointing(model: VLAForActionPrediction) -> None:
+    """Recompute activations in the backward of every decoder layer and ViT block (trades ~30% time for memory)."""
+    language = model.model.language_model
+    if hasattr(language, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        language.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # the remote-code model's pinned transformers 4.40
+        language.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, ViT):
+            module.gradient_checkpointing = True
+
+
+# -- the policy -------------------------------------------------------------------------------------------------------
+@dataclass
+class OpenVLAOptions:
+    """``policy.openvla``: where the 7B comes from and how it trains (the training switches apply to openvla_tiny)."""
+
+    weights_dir: str = ""               # local checkpoint folder: config.json, tokenizer, *.safetensors
+    loader: str = "native"              # native: this package's build; hf: OpenVLA's remote code (pinned versions)
+    unnorm_key: str | None = None       # norm_stats entry, e.g. fractal20220817_data (Google robot), bridge_orig
+    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"                # auto: cuda when available
+    attn_implementation: str = "sdpa"   # or flash_attention_2 (needs flash-attn), eager
+    lora_rank: int = 0                  # 0: full fine-tune; 32: OpenVLA's LoRA recipe
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.loader not in ("native", "hf"):
+            raise ValueError(f"policy.openvla.loader={self.loader!r}; use 'native' or 'hf'")
+
+
+def configure_training(model: VLAForActionPrediction, options: OpenVLAOptions) -> VLAForActionPrediction:
+    if options.lora_rank:
+        apply_decoder_lora(model, options.lora_rank, options.lora_alpha, options.lora_dropout)
+    if options.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def load_openvla_model(options: OpenVLAOptions, config: dict, device: torch.device, dtype: torch.dtype,
+                       dims: OpenVLADims | None = None) -> VLAForActionPrediction:
+    """The 7B body + head from ``options.weights_dir``, natively or through OpenVLA's remote code."""
+    if options.loader == "hf":
+        remote = load_openvla_remote(options.weights_dir, dtype=dtype, attn_implementation=options.attn_implementation)
+        return adapt_remote_openvla(remote).to(device)
+    with torch.device("meta"):
+        model = build_openvla(dims or dims_from_config(config), attn_implementation=options.attn_implementation)
+    return load_openvla_weights(model, options.weights_dir, dtype=dtype, device=device)
+
+
+def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, temperature: float,
+                         dims: OpenVLADims | None = None):
+    """OpenVLA-7B as a :class:`~policies.vla_policy.TokenVLAPolicy` (224 px, 256 patches, no proprio).
+
+    ``dims`` overrides the sizes read from ``config.json`` (whose layout is the released 7B one): the tests load
+    a tiny checkpoint written in OpenVLA's naming through this same path.
+    """
+    from policies.causal_lm import resolve_dtype
+    from policies.vla_policy import TokenVLAPolicy
+
+    if not options.weights_dir:
+        raise ValueError("policy.openvla.weights_dir is empty; download an OpenVLA checkpoint (e.g. "
+                         "openvla/openvla-7b) to a local folder and set policy.openvla.weights_dir=/that/folder")
+    config = read_openvla_config(options.weights_dir)
+    action_tokenizer = openvla_action_tokenizer(config, options.unnorm_key)
+    tokenizer = LlamaPromptTokenizer.from_dir(options.weights_dir)
+    device = torch.device(options.device if options.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    model = configure_training(
+        load_openvla_model(options, config, device, resolve_dtype(options.dtype, device), dims), options)
+    log.info("OpenVLA (%s loader) from %s: %.2fB parameters, %.1fM trainable", options.loader, options.weights_dir,
+             sum(p.numel() for p in model.parameters()) / 1e9,
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    dims = dims or OPENVLA_7B
+    policy = TokenVLAPolicy(model, tokenizer, num_image_tokens=dims.num_image_tokens,
+                            image_size=dims.dino.image_size, use_proprio=False, prompt_template=prompt_template,
+                            temperature=temperature, action_tokenizer=action_tokenizer)
+    return policy.to(device)

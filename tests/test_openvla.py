@@ -1,0 +1,381 @@
+"""OpenVLA-7B's native build (policies/openvla.py, policies/openvla_vision.py), checked at tiny dimensions.
+
+The reference for "OpenVLA's behaviour" is a restatement of its released module tree and forward
+(``prismatic/extern/hf/modeling_prismatic.py``): patches concatenated right after ``<s>``, both pixel normalizations
+stacked, ``logits[:, -8:-1]`` for the 7 action tokens, ``predict_action``'s de-tokenization. The full-size build is
+only ever instantiated on the meta device.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from tensordict import TensorDict  # noqa: E402
+
+from policies.openvla import (  # noqa: E402
+    OPENVLA_7B,
+    FusedProjector,
+    OpenVLAOptions,
+    OpenVLAWeightsError,
+    build_openvla,
+    build_openvla_policy,
+    native_key,
+    tiny_dims,
+)
+from policies.openvla_vision import ViT  # noqa: E402
+from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy  # noqa: E402
+from policies.vla_model import VLAModelConfig  # noqa: E402
+from policies.vla_policy import OPENVLA_PROMPT  # noqa: E402
+
+INSTRUCTIONS = ["pick coke can", "open the top drawer"]
+UNNORM_KEY = "fractal20220817_data"
+NORM_STATS = {
+    UNNORM_KEY: {"action": {"q01": [-0.2, -0.3, -0.1, -0.4, -0.5, -0.6, 0.0],
+                            "q99": [0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 1.0],
+                            "mask": [True] * 6 + [False]}},
+    "bridge_orig": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}},
+}
+DIMS = tiny_dims(vocab_size=32064)  # OpenVLA's id layout (actions 31744..31999, pad 32000) at tiny widths
+IMAGE = DIMS.dino.image_size
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class RemoteBackbone(nn.Module):
+    """``PrismaticVisionBackbone.forward``: split the 6 stacked channels, featurize each, concatenate channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.featurizer, self.fused_featurizer = ViT(DIMS.dino), ViT(DIMS.siglip)
+
+    def forward(self, pixel_values):
+        dino, siglip = torch.split(pixel_values, [3, 3], dim=1)
+        return torch.cat([self.featurizer(dino), self.fused_featurizer(siglip)], dim=2)
+
+
+class RemoteOpenVLA(nn.Module):
+    """OpenVLA's released module tree (so ``state_dict()`` is in its key naming) and its multimodal forward."""
+
+    def __init__(self, llama_config):
+        super().__init__()
+        self.vision_backbone = RemoteBackbone()
+        self.projector = FusedProjector(DIMS.dino.embed_dim + DIMS.siglip.embed_dim, DIMS.hidden)
+        self.language_model = transformers.LlamaForCausalLM(llama_config)
+
+    def forward(self, input_ids, pixel_values):
+        patches = self.projector(self.vision_backbone(pixel_values))
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([embeds[:, :1], patches, embeds[:, 1:]], dim=1)  # inserted after <BOS>
+        return self.language_model(inputs_embeds=embeds).logits
+
+
+def openvla_pixels(image_uint8):
+    """OpenVLA's processor at the model's resolution: DINOv2 (ImageNet) channels, then SigLIP (0.5/0.5) ones."""
+    x = image_uint8.double() / 255.0
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return torch.cat([(x - mean) / std, (x - 0.5) / 0.5], dim=-3).float()
+
+
+def openvla_decode(full_ids, stats):
+    """``OpenVLAForActionPrediction.predict_action``'s de-tokenization and un-normalization, in NumPy."""
+    bins = np.linspace(-1, 1, 256)
+    centers = (bins[:-1] + bins[1:]) / 2.0
+    normalized = centers[np.clip(32000 - full_ids - 1, 0, centers.shape[0] - 1)]
+    low, high, mask = np.array(stats["q01"]), np.array(stats["q99"]), np.array(stats["mask"])
+    return np.where(mask, 0.5 * (normalized + 1) * (high - low) + low, normalized)
+
+
+def write_tokenizer(folder):
+    """A word-level stand-in for Llama-2's tokenizer, saved as a Hugging Face tokenizer folder."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    words = sorted({w for text in [OPENVLA_PROMPT, *INSTRUCTIONS]
+                    for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.lower())})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: 100 + i for i, w in enumerate(words)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(str(folder))
+
+
+def write_checkpoint(folder, state, shards=2):
+    """``state`` as OpenVLA ships it: ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys, weight_map = sorted(state), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].contiguous() for k in keys[i::shards]}
+        safetensors_torch.save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {"vision_backbone_id": "dinosiglip-vit-so-224px", "use_fused_vision_backbone": True,
+              "norm_stats": NORM_STATS, "n_action_bins": 256, "pad_token_id": 32000}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def remote():
+    torch.manual_seed(0)
+    llama_config = build_openvla(DIMS).model.language_model.config
+    model = RemoteOpenVLA(llama_config).eval()
+    with torch.no_grad():  # random, not-tiny values everywhere (zero-init tokens/scales would hide wiring bugs)
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, remote):
+    folder = tmp_path_factory.mktemp("openvla")
+    write_checkpoint(folder, remote.state_dict())
+    write_tokenizer(folder)
+    return folder
+
+
+def load(folder, **options):
+    opts = OpenVLAOptions(weights_dir=str(folder), unnorm_key=UNNORM_KEY, dtype="float32", device="cpu", **options)
+    return build_openvla_policy(opts, prompt_template=OPENVLA_PROMPT, temperature=1.0, dims=DIMS).eval()
+
+
+def robot_batch(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict({("observation", "image"): torch.randint(0, 256, (n, 3, IMAGE, IMAGE), generator=g,
+                                                               dtype=torch.uint8),
+                       "language_instruction": [INSTRUCTIONS[i % 2] for i in range(n)]}, batch_size=[n])
+
+
+def test_full_size_build_on_meta_has_openvla_7b_parameter_count():
+    with torch.device("meta"):
+        model = build_openvla(OPENVLA_7B)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"OpenVLA-7B native build: {total:,} parameters")
+
+    def vit(d, depth, mlp, prefix_tokens, layer_scale, attention_pool, patches=256, patch=14):
+        block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d) + 2 * d * layer_scale
+        pool = d + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d) + 2 * d + (d * mlp + mlp) + (mlp * d + d)
+        return 3 * patch * patch * d + d + (prefix_tokens + patches) * d + depth * block + 2 * d + pool * attention_pool
+
+    llama = 2 * 32064 * 4096 + 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+    projector = (2176 * 8704 + 8704) + (8704 * 4096 + 4096) + (4096 * 4096 + 4096)
+    expected = vit(1024, 24, 4096, 5, True, False) + vit(1152, 27, 4304, 0, False, True) + projector + llama
+    assert total == expected == 7_541_237_184
+    state = model.state_dict()
+    shapes = {"vision_backbone.featurizer.pos_embed": (1, 256, 1024),
+              "vision_backbone.featurizer.reg_token": (1, 4, 1024),
+              "vision_backbone.featurizer.blocks.23.ls2.scale_factor": (1024,),
+              "vision_backbone.fused_featurizer.blocks.26.mlp.fc1.weight": (4304, 1152),
+              "vision_backbone.fused_featurizer.attn_pool.kv.weight": (2304, 1152),
+              "projector.fc1.weight": (8704, 2176), "projector.fc3.bias": (4096,),
+              "language_model.model.embed_tokens.weight": (32064, 4096),
+              "language_model.model.layers.31.mlp.down_proj.weight": (4096, 11008),
+              "language_model.lm_head.weight": (32064, 4096)}
+    assert {k: tuple(state[native_key(k)].shape) for k in shapes} == shapes
+
+
+def test_vits_match_transformers_dinov2_registers_and_siglip():
+    """The timm-layout ViTs equal transformers' independent DINOv2-with-registers and SigLIP at the block OpenVLA
+    reads (second-to-last), with prefix tokens dropped."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, \
+        SiglipVisionModel
+
+    torch.manual_seed(1)
+    dino, siglip = ViT(DIMS.dino).eval(), ViT(DIMS.siglip).eval()
+    with torch.no_grad():
+        for p in [*dino.parameters(), *siglip.parameters()]:
+            p.copy_(0.2 * torch.randn_like(p))
+    d, s = DIMS.dino, DIMS.siglip
+    hf_dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=d.embed_dim, num_hidden_layers=d.depth, num_attention_heads=d.num_heads,
+        intermediate_size=d.mlp_hidden, image_size=IMAGE, patch_size=d.patch_size, num_register_tokens=4)).eval()
+    hf_siglip = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=s.embed_dim, num_hidden_layers=s.depth, num_attention_heads=s.num_heads,
+        intermediate_size=s.mlp_hidden, image_size=IMAGE, patch_size=s.patch_size, hidden_act="gelu")).eval()
+    embeddings = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "reg_token",
+                  "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+                  "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+                  "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+                  "embeddings.patch_embedding.bias": "patch_embed.proj.bias"}
+    renames = {"attention.o_proj": "attn.proj", "layer_scale1.lambda1": "ls1.scale_factor",
+               "layer_scale2.lambda1": "ls2.scale_factor", "self_attn.out_proj": "attn.proj",
+               "layer_norm1": "norm1", "layer_norm2": "norm2"}
+
+    def copy_into(hf, ours, layers, positions):
+        for name, p in hf.named_parameters():
+            if name.startswith(layers):
+                i, rest = name[len(layers):].split(".", 1)
+                proj = rest.split(".")[1]
+                if proj in ("q_proj", "k_proj", "v_proj"):  # timm fuses them into one qkv, in that order
+                    p.copy_(ours[f"blocks.{i}.attn.qkv.{rest.rsplit('.', 1)[1]}"].chunk(3)["qkv".index(proj[0])])
+                else:
+                    for theirs, mine in renames.items():
+                        rest = rest.replace(theirs, mine)
+                    p.copy_(ours[f"blocks.{i}.{rest}"])
+            elif name in embeddings:
+                p.copy_(ours[embeddings[name]])
+            elif name in positions:
+                p.copy_(positions[name])
+
+    with torch.no_grad():
+        pos_d, pos_s = dino.pos_embed, siglip.pos_embed
+        # HF's DINOv2 keeps a class-token position; timm's no_embed_class gives the class token none (zero)
+        copy_into(hf_dino, dino.state_dict(), "encoder.layer.",
+                  {"embeddings.position_embeddings": torch.cat([torch.zeros_like(pos_d[:, :1]), pos_d], dim=1)})
+        copy_into(hf_siglip, siglip.state_dict(), "encoder.layers.", {"embeddings.position_embedding.weight": pos_s[0]})
+    pixels = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        want_d = hf_dino(pixels, output_hidden_states=True).hidden_states[d.depth - 1][:, 5:]
+        want_s = hf_siglip(pixels, output_hidden_states=True).hidden_states[s.depth - 1]
+        torch.testing.assert_close(dino(pixels), want_d, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(siglip(pixels), want_s, atol=1e-5, rtol=1e-4)
+
+
+def test_native_load_matches_openvla_forward_and_action_path(checkpoint, remote):
+    policy = load(checkpoint)
+    # every released tensor landed under its native name
+    native = policy.model.state_dict()
+    for key, value in remote.state_dict().items():
+        assert torch.equal(native[native_key(key)], value), key
+
+    batch = robot_batch()
+    out = policy(batch.clone())
+    tokens = out[("vla_action", "tokens")].reshape(3, 7)                      # window ids
+    full = tokens + 31744
+    assert bool(((full >= 31744) & (full < 32000)).all())
+    # decoded actions are OpenVLA's predict_action de-tokenization + fractal q01/q99 (gripper passes through)
+    want = openvla_decode(full.numpy(), NORM_STATS[UNNORM_KEY]["action"])
+    np.testing.assert_allclose(out["action"].numpy(), want, atol=1e-5)
+    # one teacher-forced forward gives the sampler's log-probs
+    with torch.no_grad():
+        teacher = policy.token_log_probs(batch, tokens)
+    torch.testing.assert_close(teacher, out[("vla_action", "log_probs")].reshape(3, 7), atol=1e-5, rtol=0)
+
+    # ...and equals OpenVLA's own forward: <s> + patches + prompt + "▁" + actions, logits[:, -8:-1] over the bins
+    tok = policy.prompt_tokenizer
+    with torch.no_grad():
+        logits = policy.token_logits(batch, tokens)
+        for row in range(3):
+            text = OPENVLA_PROMPT.format(instruction=INSTRUCTIONS[row % 2])
+            ids = torch.tensor([[tok.bos_id, *tok.hf_tokenizer(text, add_special_tokens=False)["input_ids"], 29871,
+                                 *full[row].tolist()]])
+            ref = remote(ids, openvla_pixels(batch["observation", "image"][row:row + 1]))[0, -8:-1, 31744:32000]
+            torch.testing.assert_close(logits[row], ref, atol=2e-4, rtol=1e-4)
+
+
+def test_remote_code_adapter_gives_the_native_log_probs(checkpoint, remote):
+    """The adapter over OpenVLA's module tree (here its restatement) runs the shared policy unchanged."""
+    from policies.openvla import adapt_remote_openvla
+    from policies.vla_policy import TokenVLAPolicy
+
+    native = load(checkpoint)
+    adapted = TokenVLAPolicy(adapt_remote_openvla(remote), native.prompt_tokenizer,
+                             num_image_tokens=DIMS.num_image_tokens, image_size=IMAGE, use_proprio=False,
+                             action_tokenizer=native.action_tokenizer).eval()
+    assert set(adapted.model.state_dict()) == set(native.model.state_dict())
+    batch = robot_batch(seed=1)
+    tokens = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted.token_log_probs(batch, tokens), native.token_log_probs(batch, tokens),
+                                   atol=1e-5, rtol=0)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, remote):
+    state = dict(remote.state_dict())
+    del state["projector.fc3.bias"]
+    state["vision_backbone.featurizer.head.weight"] = torch.zeros(2, 2)
+    write_checkpoint(tmp_path, state)
+    write_tokenizer(tmp_path)
+    with pytest.raises(OpenVLAWeightsError, match=r"missing 1 \(projector\.fc3\.bias\); unexpected 1 "
+                                                  r"\(vision_backbone\.featurizer\.head\.weight\)"):
+        load(tmp_path)
+
+
+def test_bad_inputs_fail_with_the_fix(tmp_path, checkpoint):
+    with pytest.raises(ValueError, match="weights_dir is empty"):
+        build_policy(PolicyConfig(kind="openvla"), [])
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load(tmp_path / "nowhere")
+    opts = OpenVLAOptions(weights_dir=str(checkpoint), unnorm_key="libero", dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match=r"unnorm_key='libero'.*\['bridge_orig', 'fractal20220817_data'\]"):
+        build_openvla_policy(opts, prompt_template=OPENVLA_PROMPT, temperature=1.0, dims=DIMS)
+    with pytest.raises(ValueError, match="loader='timm'"):
+        OpenVLAOptions(loader="timm")
+
+
+def tiny_config(**openvla) -> PolicyConfig:
+    return PolicyConfig(kind="openvla_tiny", model=VLAModelConfig(image_size=28, patch_size=14, proprio_dim=None),
+                        openvla=OpenVLAOptions(**openvla))
+
+
+def reinforce_step(policy, batch, lr=1e-2):
+    from vla_razor.objectives import reinforce_objective
+
+    with torch.no_grad():
+        tokens = policy.sample_tokens(batch, generator=torch.Generator().manual_seed(0))
+    loss, _ = reinforce_objective(policy.token_log_probs(batch, tokens), torch.tensor([1.0, 0.0, 1.0]))
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+
+
+def test_lora_trains_only_decoder_adapters():
+    torch.manual_seed(0)
+    policy = build_policy(tiny_config(lora_rank=4, lora_alpha=8), INSTRUCTIONS)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    per_layer = {f"{m}.lora_{ab}.default.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj") for ab in "AB"}
+    layers = policy.model.model.language_model.config.num_hidden_layers
+    assert len(trainable) == layers * len(per_layer)
+    assert all(".language_model.layers." in n and n.split(".", 6)[-1] in per_layer for n in trainable), trainable
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    reinforce_step(policy, robot_batch())
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(trainable)
+
+
+def test_gradient_checkpointing_keeps_gradients():
+    torch.manual_seed(0)
+    plain = build_policy(tiny_config(), INSTRUCTIONS).train()
+    checkpointed = build_policy(tiny_config(gradient_checkpointing=True), INSTRUCTIONS).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    vits = [m for m in checkpointed.modules() if isinstance(m, ViT)]
+    assert checkpointed.model.model.language_model.gradient_checkpointing and all(v.gradient_checkpointing
+                                                                                 for v in vits)
+    for policy in (plain, checkpointed):
+        reinforce_step(policy, robot_batch())
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_openvla_tiny_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    policy = build_policy(cfg, INSTRUCTIONS).eval()
+    path = save_policy(tmp_path / "policy.pt", policy, cfg)
+    loaded, loaded_cfg, _ = load_policy(path)
+    assert loaded_cfg == cfg
+    batch, tokens = robot_batch(), torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().token_logits(batch, tokens), policy.token_logits(batch, tokens))
+
+
+@pytest.mark.parametrize("name", ["openvla_tiny", "openvla"])
+def test_policy_configs_validate_against_the_dataclass(name):
+    from omegaconf import OmegaConf
+
+    yaml = Path(__file__).parent.parent / "configs" / "policy" / f"{name}.yaml"
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(yaml)))
+    assert cfg.kind == name
+    if name == "openvla":
+        assert cfg.openvla.unnorm_key == UNNORM_KEY and cfg.prompt_template == OPENVLA_PROMPT
+        return
+    policy = build_policy(cfg, INSTRUCTIONS).eval()
+    out = policy(robot_batch())
+    assert out["action"].shape == (3, 7) and policy.num_image_tokens == 16

@@ -1,0 +1,114 @@
+"""What a training loop needs to run under ``accelerate launch``: DDP for models that fit one GPU (the tiny VLA, LoRA
+on OpenVLA-7B), FSDP to shard a full fine-tune of the 7B.
+
+The loop stays an explicit loop; these functions only create the engine, wrap the policy and optimizer, and make
+logging, saving and statistics rank-aware. A one-process run (plain ``python``) gets the same code path with
+``world_size == 1``.
+
+DDP and FSDP act inside the wrapped module's ``forward`` (DDP arms its gradient all-reduce there, FSDP gathers the
+sharded weights there), while a token policy is used through ``sample_tokens`` / ``token_log_probs``.
+:class:`PolicyForward` routes both through ``forward`` so the wrapper sees every use of the weights.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class DistributedConfig:
+    """``distributed/``: how the processes that ``accelerate launch`` started share the model."""
+
+    strategy: str = "ddp"             # ddp: replicate (tiny / LoRA); fsdp: shard params, grads, optimizer state
+    mixed_precision: str = "no"       # no | bf16 | fp16 (autocast; OpenVLA-7B's weights are bf16 already)
+    # modules FSDP shards as units: Llama's decoder layers and the ViT blocks of policies/openvla_vision.py
+    fsdp_wrap: list[str] = field(default_factory=lambda: ["LlamaDecoderLayer", "Block"])
+    cpu: bool = False                 # force CPU (tests; gloo backend)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"distributed.strategy={self.strategy!r}; use one of {list(STRATEGIES)}")
+
+
+def make_accelerator(cfg: DistributedConfig):
+    """The ``accelerate.Accelerator`` for ``cfg`` (process group from ``accelerate launch``'s environment)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+
+    if cfg.strategy == "fsdp":
+        # use_orig_params: LoRA mixes frozen and trainable parameters inside one FSDP unit
+        plugin = FullyShardedDataParallelPlugin(
+            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(cfg.fsdp_wrap),
+            use_orig_params=True, state_dict_type="FULL_STATE_DICT")
+        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, fsdp_plugin=plugin)
+    # every trainable parameter gets a gradient each step (ViT heads OpenVLA never reads are frozen), so DDP need
+    # not search the graph for unused ones
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
+
+
+class PolicyForward(nn.Module):
+    """``forward(batch)`` samples action tokens (no gradient); ``forward(batch, tokens)`` gives their log-probs."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch, tokens: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        if tokens is None:
+            with torch.no_grad():
+                return self.policy.sample_tokens(batch, generator=generator)
+        return self.policy.token_log_probs(batch, tokens)
+
+
+def prepare(accelerator, policy: nn.Module, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
+    """(wrapped :class:`PolicyForward`, prepared optimizer). The optimizer is built on the wrapped module's
+    trainable parameters, which FSDP replaces when it shards."""
+    wrapped = accelerator.prepare_model(PolicyForward(policy))
+    optimizer = make_optimizer([p for p in wrapped.parameters() if p.requires_grad])
+    return wrapped, accelerator.prepare_optimizer(optimizer)
+
+
+def unwrap_policy(accelerator, wrapped: nn.Module) -> nn.Module:
+    """The policy inside a :func:`prepare` wrapper (for saving and evaluation)."""
+    return accelerator.unwrap_model(wrapped).policy
+
+
+def rank(accelerator) -> int:
+    return accelerator.process_index
+
+
+def world_size(accelerator) -> int:
+    return accelerator.num_processes
+
+
+def is_main(accelerator) -> bool:
+    return accelerator.is_main_process
+
+
+def log_main(accelerator, logger: logging.Logger, message: str, *args) -> None:
+    """Log once per run, from the main process."""
+    if accelerator.is_main_process:
+        logger.info(message, *args)
+
+
+def save_main(accelerator, save: Callable[[], object]):
+    """Run ``save`` on the main process only, after every process has arrived (no rank still writing)."""
+    accelerator.wait_for_everyone()
+    result = save() if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return result
+
+
+def gather_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """Average float statistics over processes (each process's batch counts once). Every process must pass the
+    same keys; the result is the same on all of them."""
+    keys = sorted(stats)
+    local = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    mean = accelerator.reduce(local, reduction="mean")
+    return dict(zip(keys, mean.tolist()))
