@@ -51,7 +51,8 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
         tokenizer = PromptTokenizer(words)
     model_cfg = VLAModelConfig(**{**asdict(cfg.model), "vocab_size": len(tokenizer) + 256})
     if cfg.kind == "openvla_tiny":
-        dims = tiny_dims(**asdict(model_cfg))
+        # OpenVLA's own head starts random (its released weights replace it anyway)
+        dims = tiny_dims(**{k: v for k, v in asdict(model_cfg).items() if k != "ordinal_action_head"})
         model = configure_training(build_openvla(dims, image_token_id=tokenizer.image_id,
                                                  proprio_token_id=tokenizer.proprio_id), cfg.openvla)
     else:

@@ -370,7 +370,7 @@ def test_openvla_tiny_saves_and_loads(tmp_path):
 def test_policy_configs_validate_against_the_dataclass(name):
     from omegaconf import OmegaConf
 
-    yaml = Path(__file__).parent.parent / "configs" / "policy" / f"{name}.yaml"
+    yaml = Path(__file__).parent.parent / "configs" / "vla" / "policy" / f"{name}.yaml"
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PolicyConfig), OmegaConf.load(yaml)))
     assert cfg.kind == name
     if name == "openvla":

@@ -66,7 +66,7 @@ def run_eval(cfg: EvalForgettingConfig) -> dict:
     return row
 
 
-@hydra.main(config_path="../../configs", config_name="eval_forgetting", version_base="1.3")
+@hydra.main(config_path="../../configs/vla", config_name="eval_forgetting", version_base="1.3")
 def _hydra_main(cfg) -> None:
     try:
         run_eval(OmegaConf.to_object(cfg))

@@ -65,7 +65,7 @@ def export(cfg: ExportVideoConfig) -> list[Path]:
     return written
 
 
-@hydra.main(config_path="../../configs", config_name="export_video", version_base="1.3")
+@hydra.main(config_path="../../configs/vla", config_name="export_video", version_base="1.3")
 def _hydra_main(cfg) -> None:
     try:
         export(OmegaConf.to_object(cfg))

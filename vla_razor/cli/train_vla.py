@@ -333,7 +333,7 @@ def finish(cfg: TrainVLAConfig, run: Run, final_path: Path) -> dict:
     return row
 
 
-@hydra.main(config_path="../../configs", config_name="train_vla", version_base="1.3")
+@hydra.main(config_path="../../configs/vla", config_name="train_vla", version_base="1.3")
 def _hydra_main(cfg) -> None:
     try:
         run_training(OmegaConf.to_object(cfg))
