@@ -33,6 +33,8 @@ class PolicyConfig:
     openvla: OpenVLAOptions = field(default_factory=OpenVLAOptions)
     prompt_template: str = OPENVLA_PROMPT
     temperature: float = 1.0     # rollout sampling temperature (log-probs are of the tempered policy)
+    # (a, b): append state[a:a+3] - state[b:b+3] to the proprio token (embedded layout: object minus gripper)
+    state_differences: list[list[int]] = field(default_factory=list)
 
 
 BUILDERS = ("tiny_vla", "openvla_tiny", "openvla")
@@ -49,7 +51,8 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
         tokenizer = PromptTokenizer.from_texts([cfg.prompt_template, *instructions])
     else:
         tokenizer = PromptTokenizer(words)
-    model_cfg = VLAModelConfig(**{**asdict(cfg.model), "vocab_size": len(tokenizer) + 256})
+    proprio_dim = (cfg.model.proprio_dim + 3 * len(cfg.state_differences)) if cfg.model.proprio_dim else None
+    model_cfg = VLAModelConfig(**{**asdict(cfg.model), "vocab_size": len(tokenizer) + 256, "proprio_dim": proprio_dim})
     if cfg.kind == "openvla_tiny":
         # OpenVLA's own head starts random (its released weights replace it anyway)
         dims = tiny_dims(**{k: v for k, v in asdict(model_cfg).items() if k != "ordinal_action_head"})
@@ -59,7 +62,8 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
         model = build_tiny_vla(model_cfg, image_token_id=tokenizer.image_id, proprio_token_id=tokenizer.proprio_id)
     return TokenVLAPolicy(model, tokenizer, num_image_tokens=num_image_tokens(model_cfg),
                           image_size=model_cfg.image_size, use_proprio=bool(model_cfg.proprio_dim),
-                          proprio_dim=model_cfg.proprio_dim or 1, prompt_template=cfg.prompt_template,
+                          proprio_dim=model_cfg.proprio_dim or 1, state_differences=cfg.state_differences,
+                          prompt_template=cfg.prompt_template,
                           temperature=cfg.temperature)
 
 

@@ -37,7 +37,7 @@ class VLAModelConfig:
     intermediate: int = 384
     proprio_dim: int | None = 19    # None: no proprio token (OpenVLA's own layout)
     vocab_size: int = 0             # text vocabulary + 256 action bins; set from the tokenizer
-    ordinal_action_head: bool = True  # start the action rows as a bump over bin centres (init_ordinal_action_head)
+    ordinal_action_head: bool = False  # start the action rows as a bump over bin centres (init_ordinal_action_head)
 
     @property
     def action_bin_centres(self) -> torch.Tensor:

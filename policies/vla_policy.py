@@ -143,12 +143,16 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         num_image_tokens: patches the vision tower emits per image.
         image_size: model input resolution; frames are resized to it (antialiased).
         use_proprio: put the normalized state at a ``<proprio>`` placeholder.
+        state_differences: pairs ``(a, b)`` of state offsets; ``state[a:a+3] - state[b:b+3]`` is appended to the
+            proprio features (the embedded default adds object minus gripper position: a small model from a few
+            dozen demos does not learn that subtraction precisely enough to grasp).
         prompt_template: ``{instruction}`` is replaced by the task's instruction.
         temperature: sampling temperature of the rollout policy (log-probs are of the tempered distribution).
     """
 
     def __init__(self, model: torch.nn.Module, prompt_tokenizer: TextTokenizer, *, num_image_tokens: int,
                  image_size: int, use_proprio: bool = True, proprio_dim: int = 19,
+                 state_differences: Sequence[Sequence[int]] = (),
                  prompt_template: str = OPENVLA_PROMPT, temperature: float = 1.0,
                  action_tokenizer: ActionTokenizer | None = None):
         action_tokenizer = action_tokenizer or make_action_tokenizer()
@@ -170,6 +174,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
                              f"[{end - num_bins}, {end}) and placeholder ids {placeholders}; build the model "
                              "with the tokenizer's vocabulary size")
         self.register_buffer("action_token_ids", torch.arange(end - num_bins, end))
+        self.state_differences = [tuple(int(i) for i in pair) for pair in state_differences]
         self.register_buffer("proprio_mean", torch.zeros(proprio_dim))
         self.register_buffer("proprio_std", torch.ones(proprio_dim))
         self._prompt_cache: dict[str, list[int]] = {}
@@ -177,8 +182,15 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         self.rollout_version = 0
 
     # -- inputs ------------------------------------------------------------------------------------------------
-    def set_proprio_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Normalize state by dataset statistics (a constant dimension keeps std 1, not 0)."""
+    def proprio_features(self, state: torch.Tensor) -> torch.Tensor:
+        """``[n, D]`` env state -> ``[n, D + 3 k]`` unnormalized proprio features (state, then the differences)."""
+        parts = [state] + [state[:, a:a + 3] - state[:, b:b + 3] for a, b in self.state_differences]
+        return torch.cat(parts, dim=-1)
+
+    def set_proprio_stats(self, states: torch.Tensor) -> None:
+        """Normalize proprio features by their statistics over ``states`` [n, D] (a constant one keeps std 1)."""
+        features = self.proprio_features(states.float())
+        mean, std = features.mean(0), features.std(0)
         self.proprio_mean.copy_(mean)
         self.proprio_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
@@ -218,7 +230,8 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
                   "attention_mask": attention_mask.to(device)}
         if self.use_proprio:
             state = self._get_state(batch).reshape(n, -1).to(device=device, dtype=torch.float32)
-            inputs["proprio"] = ((state - self.proprio_mean) / self.proprio_std).to(self._model_dtype())
+            features = self.proprio_features(state)
+            inputs["proprio"] = ((features - self.proprio_mean) / self.proprio_std).to(self._model_dtype())
         return inputs
 
     def _model_dtype(self) -> torch.dtype:

@@ -110,6 +110,7 @@ def evaluate_checkpoint(policy, base, base_path: str, probe, tasks: TaskSet, cfg
             row[f"prior_{task}"] = 100 * success_on({"policy": policy}, task, cfg.prior_positions, tasks, cfg,
                                                     progress=progress)["policy"].success_rate
         row["prior_score"] = float(np.mean([row[f"prior_{t}"] for t in tasks.prior_tasks]))
+        row.update({f"base_prior_{t}": base_row[f"prior_{t}"] for t in tasks.prior_tasks})
         row["base_prior_score"] = base_row["prior_score"]
         row["forgetting"] = base_row["prior_score"] - row["prior_score"]
     return row
@@ -124,12 +125,38 @@ def append_row(table: str | os.PathLike, row: dict) -> list[dict]:
     return rows
 
 
+def side_by_side(rows: list[dict]) -> str:
+    """Markdown: the base, then every evaluated run -- new-task success, KL to the base, prior-task success."""
+    prior_keys = sorted({k for r in rows for k in r if k.startswith("prior_") and k != "prior_score"})
+    base_keys = [f"base_{k}" for k in prior_keys]
+    header = ["policy", "new-task success %", "KL(base‖policy) nats/dim", *[f"{k[6:]} %" for k in prior_keys],
+              "prior mean %", "forgetting (points)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def fmt(value, spec=".1f"):
+        return format(value, spec) if results.is_finite(value) else "–"
+
+    if rows:
+        base = rows[0]
+        lines.append("| base | " + " | ".join([fmt(base.get("base_new_score")), "0"]
+                                            + [fmt(base.get(k)) for k in base_keys] + [fmt(base.get("base_prior_score")), "0"]) + " |")
+    for r in rows:
+        name = f"{r.get('method')} ({Path(str(r.get('run', ''))).name})"
+        lines.append("| " + " | ".join([name, fmt(r.get("new_score")), fmt(r.get("kl_base_to_policy"), ".4f"),
+                                          *[fmt(r.get(k)) for k in prior_keys], fmt(r.get("prior_score")),
+                                          fmt(r.get("forgetting"))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_robot_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "Robot fine-tuning") -> dict | None:
-    """The shared frontier / forgetting-law report over rows that have prior-task scores."""
+    """``runs.md`` (every row side by side with the base) and the shared frontier / forgetting-law report over the
+    rows that have prior-task scores (it needs at least two)."""
     from vla_razor.report import write_report
 
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "runs.md").write_text(f"# {title}: every evaluated run\n\n{side_by_side(rows)}")
     rows = [r for r in rows if results.is_finite(r.get("forgetting")) and results.is_finite(r.get("new_score"))]
-    if not rows:
+    if len(rows) < 2:
         return None
     return write_report(rows, out_dir, base_new_score=float(rows[-1]["base_new_score"]),
                         base_prior_score=float(rows[-1]["base_prior_score"]), title=title,

@@ -78,9 +78,8 @@ class DemoMixture:
         for start in range(0, len(order), batch_size):
             yield self.batch(order[start:start + batch_size])
 
-    def state_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.steps["observation", "state"].float()
-        return state.mean(0), state.std(0)
+    def states(self) -> torch.Tensor:
+        return self.steps["observation", "state"].float()
 
     def probe(self, n: int, seed: int = 0) -> TensorDict:
         """A fixed, seeded subset of ``n`` steps (the KL probe set of new-task states)."""

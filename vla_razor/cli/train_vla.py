@@ -291,7 +291,7 @@ def run_training(cfg: TrainVLAConfig) -> dict:
     data = demo_mixture(cfg) if cfg.algo.objective == "sft" else None
     if cfg.algo.from_scratch:
         policy, base, probe = build_policy(cfg.policy, data.instructions), None, None
-        policy.set_proprio_stats(*data.state_stats())
+        policy.set_proprio_stats(data.states())
         policy(data.batch(torch.arange(2)))  # materialize every parameter before the optimizer sees them
     else:
         base, _, _ = load_policy(cfg.base)
