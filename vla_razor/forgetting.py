@@ -44,10 +44,14 @@ class TaskSet:
     num_workers: int = 2            # env worker processes (rollouts and evaluation)
 
 
-def task_positions(task: str, n: int, seed: int) -> np.ndarray:
+def task_positions(task: str, n: int, seed: int) -> np.ndarray | None:
+    """``n`` seeded uniform object positions in the task's box; None for tasks without one (SimplerEnv's drawers:
+    fixed cabinet), whose episodes then differ by reset seed only."""
     from envs.placement import eval_positions
-    from envs.registry import placement_box
+    from envs.registry import is_simpler_task, placement_box
 
+    if is_simpler_task(task) and "drawer" in task:
+        return None
     x_range, y_range = placement_box(task)
     return eval_positions(n, x_range, y_range, seed=seed)
 
@@ -56,12 +60,13 @@ def success_on(policies: dict, task: str, n: int, tasks: TaskSet, cfg: EvalConfi
                keep_frames: bool = False, progress: bool = True) -> dict[str, EpisodeResults]:
     """Evaluate several policies on the same ``n`` positions of ``task`` with one set of env workers."""
     positions = task_positions(task, n, cfg.seed)
-    env = make_task_envs(task, positions, tasks.num_workers, image_size=tasks.image_size, seed=cfg.seed)
+    env = make_task_envs(task, positions, tasks.num_workers, image_size=tasks.image_size, seed=cfg.seed,
+                         episodes=n)
     out = {}
     try:
         for name, policy in policies.items():
             with tqdm(total=n, desc=f"eval {name} on {task}", disable=not progress, leave=False) as bar:
-                out[name] = evaluate(policy, env, positions, seed=cfg.seed, greedy=cfg.greedy,
+                out[name] = evaluate(policy, env, n, seed=cfg.seed, greedy=cfg.greedy,
                                      keep_frames=keep_frames, progress=bar.update)
     finally:
         env.close()

@@ -37,13 +37,18 @@ def _env_factory(task: str, placements: np.ndarray, image_size: int, seed: int,
     return make
 
 
-def make_task_envs(task: str, positions: Sequence[Sequence[float]], num_workers: int, *, image_size: int = 128,
-                   seed: int = 0, max_episode_steps: int | None = None, processes: bool = True) -> EnvBase:
+def make_task_envs(task: str, positions: Sequence[Sequence[float]] | None, num_workers: int, *,
+                   image_size: int = 128, seed: int = 0, max_episode_steps: int | None = None,
+                   processes: bool = True, episodes: int | None = None) -> EnvBase:
     """A batched env of ``num_workers`` task envs; worker w cycles through its share of ``positions``.
 
-    ``processes=False`` steps the workers in this process (tests, debugging).
+    ``positions=None``: the task places its object itself (from the reset seed); ``episodes`` then bounds the
+    worker count. ``processes=False`` steps the workers in this process (tests, debugging).
     """
-    shares = split_positions(positions, num_workers)
+    if positions is None:
+        shares = [None] * max(1, min(num_workers, episodes or num_workers))
+    else:
+        shares = split_positions(positions, num_workers)
     factories = [_env_factory(task, share, image_size, seed + 1000 * w, max_episode_steps)
                  for w, share in enumerate(shares)]
     if processes and len(factories) > 1:
@@ -53,9 +58,8 @@ def make_task_envs(task: str, positions: Sequence[Sequence[float]], num_workers:
 
 @dataclass
 class EpisodeResults:
-    """Per-episode outcome of an evaluation, in the order of the ``positions`` it was given."""
+    """Per-episode outcome of an evaluation, in the order of the positions its env was built with."""
 
-    positions: np.ndarray
     success: np.ndarray            # bool [n]
     length: np.ndarray             # int [n]
     frames: list[np.ndarray] = field(default_factory=list)  # per episode uint8 [T + 1, H, W, 3] when kept
@@ -65,16 +69,16 @@ class EpisodeResults:
         return float(self.success.mean()) if len(self.success) else float("nan")
 
 
-def evaluate(policy, env: EnvBase, positions: Sequence[Sequence[float]], *, seed: int = 0, greedy: bool = False,
+def evaluate(policy, env: EnvBase, episodes: int, *, seed: int = 0, greedy: bool = False,
              keep_frames: bool = False, progress: Callable[[int], None] | None = None,
              max_steps: int = 10_000) -> EpisodeResults:
-    """Roll ``policy`` once from every position of ``env`` (built by :func:`make_task_envs` with these positions).
+    """Roll ``policy`` for ``episodes`` episodes: once from every position ``env`` was built with
+    (:func:`make_task_envs`), in their order.
 
     Runs ceil(n / W) rounds of W lock-stepped episodes (finished workers wait for the round to end and are not
     stepped; the envs truncate at their own step limit, ``max_steps`` only bounds a round). Reseeding first makes every policy evaluated on ``env`` see the same episodes.
     """
-    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-    n, workers = len(positions), env.batch_size[0]
+    n, workers = int(episodes), env.batch_size[0]
     env.set_seed(seed)
     success = np.zeros(n, dtype=bool)
     length = np.zeros(n, dtype=np.int64)
@@ -102,7 +106,7 @@ def evaluate(policy, env: EnvBase, positions: Sequence[Sequence[float]], *, seed
         if progress is not None:
             progress(min(workers, n - round_index * workers))
     # rows are worker-major within a round: row w + k W is worker w's k-th episode = positions[w + k W]
-    return EpisodeResults(positions, success, length, [f for f in frames if f is not None])
+    return EpisodeResults(success, length, [f for f in frames if f is not None])
 
 
 def trajectory_batch(batch: TensorDictBase) -> TensorDictBase:

@@ -67,7 +67,7 @@ def policy_gradient_update(policy, trajectories: TensorDictBase, rewards: torch.
         part, _ = policy_gradient_objective(log_probs, advantages[rows])
         weight = log_probs.numel() / total_tokens  # token_mean over the whole batch = weighted minibatch means
         (part * weight).backward()
-        loss_sum += float(part) * weight
+        loss_sum += float(part.detach()) * weight
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     optimizer.step()
     return {"loss": loss_sum, "grad_norm": float(grad_norm), "reward_mean": float(rewards.float().mean()),
