@@ -14,7 +14,7 @@ stamp() { echo "[main-job] $(( $(date +%s) - start )) s: $*"; }
 
 stamp "collecting demonstrations"
 collect-demos env=pick_can grid=5 per_cell=4 out_dir="$RUN_ROOT/demos/pick_can"
-collect-demos env=open_drawer grid=4 per_cell=3 out_dir="$RUN_ROOT/demos/open_drawer"
+collect-demos env=open_drawer grid=5 per_cell=3 out_dir="$RUN_ROOT/demos/open_drawer"
 collect-demos env=close_drawer grid=4 per_cell=3 out_dir="$RUN_ROOT/demos/close_drawer"
 
 stamp "pretraining the base policy"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,18 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.envs import EnvBase, ParallelEnv, SerialEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+
+@contextmanager
+def policy_threads(n: int = 1):
+    """Run the in-process policy on ``n`` torch threads while env workers render on the other cores: on a 2-core
+    machine a 2-thread policy spinning beside two renderers slows both several-fold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def split_positions(positions: Sequence[Sequence[float]], num_workers: int) -> list[np.ndarray]:
@@ -85,7 +98,7 @@ def evaluate(policy, env: EnvBase, episodes: int, *, seed: int = 0, greedy: bool
     frames: list[np.ndarray | None] = [None] * n
     mode = ExplorationType.DETERMINISTIC if greedy else ExplorationType.RANDOM
     for round_index in range(math.ceil(n / workers)):
-        with set_exploration_type(mode), torch.no_grad():
+        with set_exploration_type(mode), torch.no_grad(), policy_threads():
             rollout = env.rollout(max_steps, policy, break_when_any_done=False, break_when_all_done=True,
                                   auto_reset=True)
         done = rollout["next", "done"].squeeze(-1)                       # [W, T]

@@ -219,7 +219,7 @@ def train_on_policy(run: Run) -> None:
 
     from envs.placement import grid_positions
     from envs.registry import placement_box
-    from vla_razor.rollouts import make_task_envs
+    from vla_razor.rollouts import make_task_envs, policy_threads
 
     cfg, algo = run.cfg, run.cfg.algo
     x_range, y_range = placement_box(cfg.env.new_task)
@@ -236,11 +236,16 @@ def train_on_policy(run: Run) -> None:
                disable=not cfg.progress)
     try:
         t0 = time.time()
-        for trajectories in collector:
+        rollouts = iter(collector)
+        while True:
+            with policy_threads():
+                trajectories = next(rollouts)
             iteration = run.progress["iteration"]
             # trajectories begun under the previous weights finish in this batch; keep the batch on-policy
             fresh = trajectories["policy_version"][:, 0] == run.policy.rollout_version
             stale = int((~fresh).sum())
+            if not bool(fresh.any()):
+                continue
             trajectories = trajectories[fresh]
             steps = int(trajectories["collector", "mask"].sum())
             collect_s = time.time() - t0
