@@ -292,7 +292,8 @@ def run_training(cfg: TrainVLAConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    final_path = out / "policy.pt"
+    # a pretrained base goes where fine-tuning runs look for it; a fine-tuned policy into its run folder
+    final_path = Path(cfg.base) if cfg.algo.from_scratch else out / "policy.pt"
     data = demo_mixture(cfg) if cfg.algo.objective == "sft" else None
     if cfg.algo.from_scratch:
         policy, base, probe = build_policy(cfg.policy, data.instructions), None, None
