@@ -12,3 +12,13 @@ def mnist_root() -> Path:
     if not (root / "MNIST" / "raw").exists():
         pytest.skip(f"MNIST files not found under {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def sim():
+    """Skip unless ManiSkill3 and a usable Vulkan device are there (tests that use it are marked ``sim``)."""
+    pytest.importorskip("mani_skill", reason="mani_skill not installed: pip install -e .[sim]")
+    from envs import vulkan
+
+    if not vulkan.vulkan_available():
+        pytest.skip(f"no usable Vulkan device ({vulkan.vulkan_status()[1]}); run `bash scripts/setup_vulkan.sh`")

@@ -183,15 +183,6 @@ def test_cli_refuses_a_non_empty_foreign_out_dir(tmp_path):
 # --- the real simulator ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def sim():
-    pytest.importorskip("mani_skill", reason="mani_skill not installed: pip install -e .[sim]")
-    from envs import vulkan
-
-    if not vulkan.vulkan_available():
-        pytest.skip(f"no usable Vulkan device ({vulkan.vulkan_status()[1]}); run `bash scripts/setup_vulkan.sh`")
-
-
 @pytest.mark.sim
 def test_killed_collection_resumes_to_exactly_the_expected_episodes_with_video(sim, tmp_path):
     """SIGKILL a 2x2 x 2 collection once its first shard lands, rerun: every (cell, seed) exactly once, and

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +105,8 @@ def evaluate_checkpoint(policy, base, base_path: str, probe, tasks: TaskSet, cfg
     from vla_razor.vla_train import kl_to_base
 
     prior = cfg.prior if prior is None else prior
-    base_row = base_scores(base, base_path, tasks, cfg, progress)
+    # the base needs prior scores whenever this row does (eval-forgetting asks prior=True whatever eval.prior says)
+    base_row = base_scores(base, base_path, tasks, replace(cfg, prior=prior), progress)
     row = {"kl_base_to_policy": kl_to_base(policy, base, probe, seed=cfg.seed),
            "new_score": 100 * success_on({"policy": policy}, tasks.new_task, cfg.new_task_positions, tasks, cfg,
                                          progress=progress)["policy"].success_rate,

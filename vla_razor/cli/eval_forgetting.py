@@ -1,7 +1,7 @@
 """`eval-forgetting`: a checkpoint vs its base on the new task and the prior (drawer) tasks, plus forward KL.
 
-    eval-forgetting policy=runs/main/reinforce/policy.pt base=runs/main/base/policy.pt demos_root=runs/main/demos
-    eval-forgetting policy=... base=... eval.new_task_positions=100 eval.prior_positions=20
+    eval-forgetting policy_file=runs/main/reinforce/policy.pt base=runs/main/base/policy.pt demos_root=runs/main/demos
+    eval-forgetting policy_file=... base=... eval.new_task_positions=100 eval.prior_positions=20
 
 Writes one row to the shared results table (``results``) and rewrites the frontier / KL-forgetting report in
 ``report_dir`` from all rows, so the rows of a ``train-vla -m`` sweep and hand-evaluated checkpoints share one
@@ -27,7 +27,8 @@ log = logging.getLogger("eval-forgetting")
 
 @dataclass
 class EvalForgettingConfig:
-    policy: str = "???"             # the fine-tuned policy file (policy.pt of a train-vla run)
+    # the fine-tuned policy file (policy.pt of a train-vla run); not `policy`, which Hydra reads as the policy/ group
+    policy_file: str = "???"
     base: str = "runs/vla/base/policy.pt"
     method: str = ""                # results-table label; default: the policy's training algo
     demos_root: str = "runs/demos"  # new-task demo states for the KL probe: <demos_root>/<env.new_task>
@@ -45,7 +46,7 @@ ConfigStore.instance().store(name="eval_forgetting_schema", node=EvalForgettingC
 def run_eval(cfg: EvalForgettingConfig) -> dict:
     from vla_razor.vla_data import DemoMixture
 
-    for name, path in (("policy", cfg.policy), ("base", cfg.base)):
+    for name, path in (("policy_file", cfg.policy_file), ("base", cfg.base)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{name}={path} does not exist; pass the policy.pt of a train-vla run")
     demos = Path(cfg.demos_root) / cfg.env.new_task
@@ -53,10 +54,10 @@ def run_eval(cfg: EvalForgettingConfig) -> dict:
         raise FileNotFoundError(f"no new-task demos in {demos} for the KL probe; set demos_root= or collect them")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy, _, extra = load_policy(cfg.policy)
+    policy, _, extra = load_policy(cfg.policy_file)
     base, _, _ = load_policy(cfg.base)
     probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)
-    row = {"method": cfg.method or extra.get("algo", "unknown"), "run": str(Path(cfg.policy).parent),
+    row = {"method": cfg.method or extra.get("algo", "unknown"), "run": str(Path(cfg.policy_file).parent),
            "progress": 1.0}
     row.update(evaluate_checkpoint(policy, base, cfg.base, probe, cfg.env, cfg.eval, prior=True,
                                    progress=cfg.progress))

@@ -1,7 +1,7 @@
 """`export-video`: rollouts of any policy file as per-episode clips and one tiled grid video.
 
-    export-video policy=runs/main/reinforce/policy.pt                 # pick-can, 4 episodes
-    export-video policy=... task=open_drawer episodes=9 out=runs/videos/open.gif
+    export-video policy_file=runs/main/reinforce/policy.pt             # pick-can, 4 episodes
+    export-video policy_file=... task=open_drawer episodes=9 out=runs/videos/open.gif
 
 Each clip carries the instruction and the episode's outcome (green border: success, red: failure).
 """
@@ -23,7 +23,7 @@ log = logging.getLogger("export-video")
 
 @dataclass
 class ExportVideoConfig:
-    policy: str = "???"
+    policy_file: str = "???"        # not `policy`, which Hydra reads as the policy/ config group
     task: str = ""                  # default: env.new_task
     episodes: int = 4
     out: str = "runs/videos/rollouts.mp4"   # the grid; per-episode clips go beside it (<stem>_ep<i><suffix>)
@@ -43,14 +43,14 @@ def export(cfg: ExportVideoConfig) -> list[Path]:
     from policies.vla_factory import load_policy
     from vla_razor.video import annotate, tile, upscale, write_video
 
-    if not Path(cfg.policy).exists():
-        raise FileNotFoundError(f"policy={cfg.policy} does not exist; pass the policy.pt of a train-vla run")
+    if not Path(cfg.policy_file).exists():
+        raise FileNotFoundError(f"policy_file={cfg.policy_file} does not exist; pass the policy.pt of a train-vla run")
     if cfg.episodes < 1:
         raise ValueError(f"episodes={cfg.episodes} must be >= 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = cfg.task or cfg.env.new_task
-    policy, _, _ = load_policy(cfg.policy)
+    policy, _, _ = load_policy(cfg.policy_file)
     result = success_on({"policy": policy}, task, cfg.episodes, cfg.env, cfg.eval, keep_frames=True,
                         progress=cfg.progress)["policy"]
     instruction = task.replace("_", " ")

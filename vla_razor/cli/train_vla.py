@@ -31,7 +31,7 @@ from tqdm import tqdm
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from vla_razor import results
 from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from vla_razor.cli.common import translate_algo_flag
+from vla_razor.cli.common import reject_unknown_algo, translate_algo_flag
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
 from vla_razor.objectives import ON_POLICY_OBJECTIVES
 from vla_razor.optim import SCHEDULES, lr_multiplier
@@ -40,6 +40,7 @@ from vla_razor.vla_train import kl_to_base, make_optimizer, policy_gradient_upda
 
 log = logging.getLogger("train-vla")
 ALGOS = "pretrain | sft | reinforce | reinforce_1_0 | grpo"
+ALGO_DIR = Path(__file__).resolve().parents[2] / "configs" / "vla" / "algo"
 
 
 @dataclass
@@ -350,6 +351,7 @@ def _hydra_main(cfg) -> None:
 
 def main() -> None:
     sys.argv = translate_algo_flag(sys.argv, "train-vla", ALGOS)
+    reject_unknown_algo(sys.argv, "train-vla", ALGO_DIR)
     _hydra_main()
 
 
