@@ -28,8 +28,8 @@ train-vla --algo reinforce "${common[@]}" out_dir="$RUN_ROOT/reinforce" algo.lr=
   algo.grid=4 algo.trajectories_per_cell=2
 
 stamp "exporting rollout videos"
-export-video policy="$RUN_ROOT/reinforce/policy.pt" episodes=4 out="$RUN_ROOT/report/reinforce_pick_can.mp4"
-export-video policy="$RUN_ROOT/base/policy.pt" episodes=4 out="$RUN_ROOT/report/base_pick_can.mp4"
+export-video policy_file="$RUN_ROOT/reinforce/policy.pt" episodes=4 out="$RUN_ROOT/report/reinforce_pick_can.mp4"
+export-video policy_file="$RUN_ROOT/base/policy.pt" episodes=4 out="$RUN_ROOT/report/base_pick_can.mp4"
 
 stamp "done: $RUN_ROOT/report (runs.md, summary.md, frontier.png, forgetting_vs_kl.png, *.mp4)"
 cat "$RUN_ROOT/report/runs.md"
