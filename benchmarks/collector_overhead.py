@@ -34,6 +34,12 @@ def steps_per_s(env, policy, frames: int) -> float:
     return seen / elapsed
 
 
+def fresh_env(task, positions, workers):
+    from vla_razor.rollouts import make_task_envs
+
+    return make_task_envs(task, positions, workers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="pick_can")
@@ -47,7 +53,7 @@ def main() -> None:
     from envs.placement import grid_positions
     from envs.registry import placement_box
     from policies.vla_factory import PolicyConfig, build_policy, load_policy
-    from vla_razor.rollouts import make_task_envs
+    from vla_razor.rollouts import policy_threads
 
     if args.policy:
         policy = load_policy(args.policy)[0]
@@ -58,13 +64,10 @@ def main() -> None:
     print(f"{'workers':>7} {'random steps/s':>15} {'VLA steps/s':>12} {'overhead':>9}  ({args.task}, "
           f"{args.frames} steps each, torch threads {args.threads})")
     for workers in args.workers:
-        env = make_task_envs(args.task, positions, workers)
-        try:
-            alone = steps_per_s(env, random_policy, args.frames)
-            with torch.no_grad():
-                with_vla = steps_per_s(env, policy, args.frames)
-        finally:
-            env.close()
+        # a fresh set of workers per measurement: the collector closes them on shutdown
+        alone = steps_per_s(fresh_env(args.task, positions, workers), random_policy, args.frames)
+        with torch.no_grad(), policy_threads():
+            with_vla = steps_per_s(fresh_env(args.task, positions, workers), policy, args.frames)
         print(f"{workers:>7} {alone:>15.1f} {with_vla:>12.1f} {100 * (1 - with_vla / alone):>8.1f}%", flush=True)
 
 
