@@ -293,7 +293,7 @@ def test_eval_forgetting_scores_the_base_on_prior_tasks_even_with_eval_prior_fal
 
     def success_on(policies, task, n, tasks, cfg, **kwargs):  # the base solves the drawers, the policy does not
         ok = np.full(n, task == tasks.new_task or "base" in policies)
-        return {name: EpisodeResults(np.zeros((n, 2)), ok, np.ones(n, dtype=int)) for name in policies}
+        return {name: EpisodeResults(ok, np.ones(n, dtype=int)) for name in policies}
 
     monkeypatch.setattr(forgetting, "success_on", success_on)
     monkeypatch.setattr(vla_train, "kl_to_base", lambda *args, **kwargs: 0.5)

@@ -156,13 +156,13 @@ def side_by_side(rows: list[dict]) -> str:
 
 def write_robot_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "Robot fine-tuning") -> dict | None:
     """``runs.md`` (every row side by side with the base) and the shared frontier / forgetting-law report over the
-    rows that have prior-task scores (it needs at least two)."""
+    rows that have prior-task scores."""
     from vla_razor.report import write_report
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "runs.md").write_text(f"# {title}: every evaluated run\n\n{side_by_side(rows)}")
     rows = [r for r in rows if results.is_finite(r.get("forgetting")) and results.is_finite(r.get("new_score"))]
-    if len(rows) < 2:
+    if not rows:
         return None
     return write_report(rows, out_dir, base_new_score=float(rows[-1]["base_new_score"]),
                         base_prior_score=float(rows[-1]["base_prior_score"]), title=title,
