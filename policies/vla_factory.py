@@ -54,8 +54,7 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
     proprio_dim = (cfg.model.proprio_dim + 3 * len(cfg.state_differences)) if cfg.model.proprio_dim else None
     model_cfg = VLAModelConfig(**{**asdict(cfg.model), "vocab_size": len(tokenizer) + 256, "proprio_dim": proprio_dim})
     if cfg.kind == "openvla_tiny":
-        # OpenVLA's own head starts random (its released weights replace it anyway)
-        dims = tiny_dims(**{k: v for k, v in asdict(model_cfg).items() if k != "ordinal_action_head"})
+        dims = tiny_dims(**asdict(model_cfg))
         model = configure_training(build_openvla(dims, image_token_id=tokenizer.image_id,
                                                  proprio_token_id=tokenizer.proprio_id), cfg.openvla)
     else:

@@ -37,14 +37,6 @@ class VLAModelConfig:
     intermediate: int = 384
     proprio_dim: int | None = 19    # None: no proprio token (OpenVLA's own layout)
     vocab_size: int = 0             # text vocabulary + 256 action bins; set from the tokenizer
-    ordinal_action_head: bool = False  # start the action rows as a bump over bin centres (init_ordinal_action_head)
-
-    @property
-    def action_bin_centres(self) -> torch.Tensor:
-        """Continuous action of each window id 0..255 (the shared tokenizer's decoding)."""
-        from vla_razor.action_tokens import make_action_tokenizer
-
-        return make_action_tokenizer().decode(torch.arange(256)).float()
 
 
 class MLPProjector(nn.Sequential):
@@ -145,25 +137,7 @@ def build_tiny_vla(cfg: VLAModelConfig, *, image_token_id: int, proprio_token_id
     body = VLABody(vision, MLPProjector(cfg.vision_hidden, cfg.hidden, depth=2), language,
                    image_token_id=image_token_id, proprio_token_id=proprio_token_id if proprio else None,
                    proprio_projector=proprio)
-    model = VLAForActionPrediction(body, cfg.vocab_size)
-    if cfg.ordinal_action_head:
-        init_ordinal_action_head(model.lm_head.weight, cfg.action_bin_centres)
-    return model
-
-
-def init_ordinal_action_head(head_weight: torch.Tensor, bin_centres: torch.Tensor, scale: float = 50.0) -> None:
-    """Give the action rows of the head a quadratic-in-bin-centre part, so the logits can form a peaked bump.
-
-    With rows ``w_k = s (2 c_k e_0 - c_k^2 e_1) + noise`` the logits are ``-s h_1 (c_k - h_0 / h_1)^2 + const``:
-    two hidden units set the mean and the sharpness of a discretized Gaussian over the bins. A random head treats
-    the 256 bins as unrelated classes and needs examples of every bin to place mass near it; the bump generalizes
-    between neighbouring bins from a few hundred demos, which is what a CPU-sized demo set gives. Same
-    architecture and loss as OpenVLA; only the starting point of 256 rows differs.
-    """
-    with torch.no_grad():
-        rows = head_weight[-len(bin_centres):]
-        rows[:, 0] = scale * 2 * bin_centres
-        rows[:, 1] = -scale * bin_centres ** 2
+    return VLAForActionPrediction(body, cfg.vocab_size)
 
 
 def num_image_tokens(cfg: VLAModelConfig) -> int:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tensordict import TensorDictBase
 from torchrl.envs import EnvBase, ParallelEnv, SerialEnv
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -120,10 +119,3 @@ def evaluate(policy, env: EnvBase, episodes: int, *, seed: int = 0, greedy: bool
             progress(min(workers, n - round_index * workers))
     # rows are worker-major within a round: row w + k W is worker w's k-th episode = positions[w + k W]
     return EpisodeResults(success, length, [f for f in frames if f is not None])
-
-
-def trajectory_batch(batch: TensorDictBase) -> TensorDictBase:
-    """A padded collector batch ``[N, T]`` -> the same with per-trajectory ``success`` ``[N]`` and step ``mask``."""
-    mask = batch["collector", "mask"]
-    batch.set("trajectory_success", (batch["next", "success"].squeeze(-1) & mask).any(-1))
-    return batch
