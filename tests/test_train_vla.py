@@ -114,8 +114,7 @@ def study(sim, tmp_path_factory):
     check(cli("collect_demos", "env=pick_can", "grid=1", "per_cell=1", f"out_dir={study.demos / 'pick_can'}",
               "progress=false"))
     # Pretraining on pick-can alone: the drawer tasks are only evaluated here, never trained on.
-    check(cli("train_vla", *study.train_args("pretrain", "base", "algo.mixture.open_drawer=0",
-                                             "algo.mixture.close_drawer=0", "algo.mixture.pick_can=1")))
+    check(cli("train_vla", *study.train_args("pretrain", "base", "algo.mixture.prior_tasks=0")))
     pool = ThreadPoolExecutor(max_workers=2)  # two runs at a time: the machine's two cores
     study.jobs["sft"] = pool.submit(study.sft_then_eval_forgetting)
     # `train-vla -m`: the three on-policy algos one after another in one process, each in its own out_dir

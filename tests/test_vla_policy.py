@@ -7,6 +7,7 @@ from tensordict import NonTensorStack, TensorDict
 
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from policies.vla_model import VLAModelConfig
+from vla_razor.distributed import PolicyForward
 from vla_razor.vla_train import kl_to_base, make_optimizer, policy_gradient_update
 from vla_razor.video import annotate, tile, upscale, write_video
 
@@ -92,8 +93,8 @@ def test_minibatched_policy_gradient_equals_the_full_batch(policy):
         model = policy.frozen_copy()
         for p in model.parameters():
             p.requires_grad_(True)
-        optimizer = make_optimizer(model, lr=0.0)
-        stats = policy_gradient_update(model, trajectories(), rewards, optimizer, objective="reinforce",
+        optimizer = make_optimizer(model.parameters(), lr=0.0)
+        stats = policy_gradient_update(PolicyForward(model), trajectories(), rewards, optimizer, objective="reinforce",
                                        minibatch_steps=minibatch, max_grad_norm=1e9)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert stats["reward_mean"] == 0.5
@@ -114,9 +115,9 @@ def test_policy_gradient_raises_the_successful_trajectories_log_prob(policy):
             return model.token_log_probs(valid, valid["vla_action", "tokens"]).sum()
 
     before = logp()
-    optimizer = make_optimizer(model, lr=1e-3)
+    optimizer = make_optimizer(model.parameters(), lr=1e-3)
     for _ in range(3):
-        policy_gradient_update(model, data, rewards, optimizer, objective="reinforce")
+        policy_gradient_update(PolicyForward(model), data, rewards, optimizer, objective="reinforce")
     assert logp() > before
 
 

@@ -12,7 +12,8 @@ sharded weights there), while a token policy is used through ``sample_tokens`` /
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,19 @@ def prepare(accelerator, policy: nn.Module, make_optimizer: Callable[[list[nn.Pa
 def unwrap_policy(accelerator, wrapped: nn.Module) -> nn.Module:
     """The policy inside a :func:`prepare` wrapper (for saving and evaluation)."""
     return accelerator.unwrap_model(wrapped).policy
+
+
+@contextmanager
+def full_weights(accelerator, wrapped: nn.Module) -> Iterator[None]:
+    """Inside, the bare policy (:func:`unwrap_policy`) holds all its weights on every process: FSDP gathers its
+    shards for rollouts, evaluation and saving (every process must enter); DDP and one process hold them already."""
+    if accelerator.distributed_type != "FSDP":
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        yield
 
 
 def rank(accelerator) -> int:

@@ -1,9 +1,16 @@
 """Training steps of the robot path: SFT on demonstrations, policy-gradient updates on collected trajectories,
 and the KL probe -- all through the shared objectives and divergences, with any TokenVLAPolicy.
+
+The update steps take ``model``: a callable ``model(batch, tokens) -> log-probs [B, 7]`` -- the policy inside
+``vla_razor.distributed.PolicyForward``, bare or as ``accelerate`` prepared it (DDP / FSDP see every use of the
+weights through its ``forward``) -- and optionally that ``accelerator``, whose processes then share one update:
+gradients average over processes and the objective's baseline and token mean span every process's batch.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from tensordict import TensorDictBase
@@ -14,26 +21,44 @@ from vla_razor.objectives import get_objective, sequence_advantages, policy_grad
 ACTION_TOKENS = ("vla_action", "tokens")
 
 
-def make_optimizer(policy: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    params = [p for p in policy.parameters() if p.requires_grad]
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the policy has no trainable parameters")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def sft_step(policy, batch: TensorDictBase, optimizer: torch.optim.Optimizer, max_grad_norm: float = 1.0) -> dict:
-    """One cross-entropy step on the batch's demo action tokens (the shared ``sft`` objective)."""
-    policy.train()
-    optimizer.zero_grad(set_to_none=True)
-    log_probs = policy.token_log_probs(batch, batch.get(ACTION_TOKENS).reshape(-1, 7))
-    loss, stats = get_objective("sft")(log_probs)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+def _backward(loss: torch.Tensor, accelerator) -> None:
+    accelerator.backward(loss) if accelerator is not None else loss.backward()
+
+
+def _clip_and_step(model, optimizer, max_grad_norm: float, accelerator) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(params, max_grad_norm)
     optimizer.step()
-    return {**stats, "grad_norm": float(grad_norm)}
+    return float(grad_norm)
 
 
-def trajectory_log_probs(policy, trajectories: TensorDictBase, minibatch_steps: int) -> Iterable[tuple]:
+def _world(accelerator) -> tuple[int, int]:
+    return (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+
+
+def sft_step(model, batch: TensorDictBase, optimizer: torch.optim.Optimizer, max_grad_norm: float = 1.0,
+             accelerator=None) -> dict:
+    """One cross-entropy step on the batch's demo action tokens (the shared ``sft`` objective). Under several
+    processes each takes its share of the rows (``batch[rank::world]``) and the gradients average."""
+    rank, world = _world(accelerator)
+    batch = batch[rank::world] if world > 1 else batch
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    log_probs = model(batch, batch.get(ACTION_TOKENS).reshape(-1, 7))
+    loss, stats = get_objective("sft")(log_probs)
+    _backward(loss, accelerator)
+    return {**stats, "grad_norm": _clip_and_step(model, optimizer, max_grad_norm, accelerator)}
+
+
+def trajectory_log_probs(model, trajectories: TensorDictBase, minibatch_steps: int) -> Iterable[tuple]:
     """Teacher-forced log-probs of the collected action tokens, step-minibatch by step-minibatch.
 
     ``trajectories`` is a padded collector batch ``[N, T]``; yields ``(log_probs [n, 7], trajectory index [n])`` for
@@ -44,33 +69,62 @@ def trajectory_log_probs(policy, trajectories: TensorDictBase, minibatch_steps: 
     for start in range(0, len(traj_index), minibatch_steps):
         rows, cols = traj_index[start:start + minibatch_steps], step_index[start:start + minibatch_steps]
         steps = trajectories[rows, cols]
-        yield policy.token_log_probs(steps, steps.get(ACTION_TOKENS).reshape(-1, 7)), rows
+        yield model(steps, steps.get(ACTION_TOKENS).reshape(-1, 7)), rows
 
 
-def policy_gradient_update(policy, trajectories: TensorDictBase, rewards: torch.Tensor, optimizer, *, objective: str,
+def _gather_uneven(accelerator, values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's ``values [n_r]`` concatenated in rank order, and where this process's part starts."""
+    counts = accelerator.gather(torch.tensor([len(values)], device=accelerator.device)).tolist()
+    padded = accelerator.pad_across_processes(values.to(accelerator.device), dim=0)
+    gathered = accelerator.gather(padded).reshape(len(counts), -1)
+    every = torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
+    return every.to(values.device), sum(counts[:accelerator.process_index])
+
+
+def batch_advantages(objective: str, rewards: torch.Tensor, groups: torch.Tensor | None, accelerator=None):
+    """The shared objective's advantages over the trajectories of every process (a reward-normalized baseline is
+    the whole batch's mean, not one process's); returns this process's share."""
+    if _world(accelerator)[1] == 1:
+        return sequence_advantages(objective, rewards, groups=groups)
+    every, start = _gather_uneven(accelerator, rewards)
+    every_groups = None if groups is None else _gather_uneven(accelerator, groups)[0]
+    return sequence_advantages(objective, every, groups=every_groups)[start:start + len(rewards)]
+
+
+def policy_gradient_update(model, trajectories: TensorDictBase, rewards: torch.Tensor, optimizer, *, objective: str,
                            groups: torch.Tensor | None = None, minibatch_steps: int = 256,
-                           max_grad_norm: float = 1.0) -> dict:
+                           max_grad_norm: float = 1.0, accelerator=None) -> dict:
     """One optimizer step on N trajectories: each trajectory is one "sequence" of its T x 7 action tokens.
 
     Advantages come from the named shared objective (``reinforce``: reward-normalized over the N trajectories;
     ``reinforce_1_0``: A = r; ``grpo``: normalized within ``groups`` (trajectories from the same start cell)) and
     the loss is the shared policy-gradient objective, token-mean aggregated over every action token of the batch --
-    computed in step minibatches whose gradients add up to exactly the full-batch gradient.
+    computed in step minibatches whose gradients add up to exactly the full-batch gradient. Under several
+    processes each brings its own trajectories; the result is the same step as one process holding them all.
     """
-    policy.train()
-    advantages = sequence_advantages(objective, rewards.float(), groups=groups)          # [N]
+    world = _world(accelerator)[1]
+    model.train()
+    advantages = batch_advantages(objective, rewards.float(), groups, accelerator)           # [N]
     mask = trajectories.get(("collector", "mask"))
-    total_tokens = int(mask.sum()) * 7
+    local_tokens = int(mask.sum()) * 7
+    total_tokens = local_tokens if world == 1 else int(accelerator.reduce(
+        torch.tensor(local_tokens, device=accelerator.device), reduction="sum"))
+    minibatches = math.ceil(local_tokens / 7 / minibatch_steps)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for log_probs, rows in trajectory_log_probs(policy, trajectories, minibatch_steps):
+    for index, (log_probs, rows) in enumerate(trajectory_log_probs(model, trajectories, minibatch_steps)):
         part, _ = policy_gradient_objective(log_probs, advantages[rows])
-        weight = log_probs.numel() / total_tokens  # token_mean over the whole batch = weighted minibatch means
-        (part * weight).backward()
-        loss_sum += float(part.detach()) * weight
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-    optimizer.step()
-    return {"loss": loss_sum, "grad_norm": float(grad_norm), "reward_mean": float(rewards.float().mean()),
+        # token mean over every process's batch: DDP averages the processes' gradients, hence the factor world
+        weight = world * log_probs.numel() / total_tokens
+        # gradients are synchronized once, on each process's last minibatch
+        sync = accelerator is None or world == 1 or index == minibatches - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            _backward(part * weight, accelerator)
+        loss_sum += float(part.detach()) * log_probs.numel() / total_tokens
+    grad_norm = _clip_and_step(model, optimizer, max_grad_norm, accelerator)
+    if world > 1:  # this process's share of the batch loss -> the batch loss
+        loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum"))
+    return {"loss": loss_sum, "grad_norm": grad_norm, "reward_mean": float(rewards.float().mean()),
             "advantage_std": float(advantages.std(unbiased=False)) if len(advantages) > 1 else 0.0}
 
 

@@ -1,7 +1,27 @@
 """Pieces every training CLI shares."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from vla_razor.checkpoint import CheckpointError
+
+# What a user can fix (a bad value, a missing file, package or checkpoint): one line, never a traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError, CheckpointError, MissingMandatoryValue)
+
+
+def run_config(program: str, job: Callable[[Any], Any], cfg) -> Any:
+    """``job(config object)`` for a Hydra entry point; a user error exits with ``<program>: error: <message>``
+    (Hydra would print a traceback)."""
+    try:
+        return job(OmegaConf.to_object(cfg))
+    except USER_ERRORS as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise SystemExit(f"{program}: error: {message}") from None
 
 
 def translate_algo_flag(argv: list[str], program: str = "train", choices: str = "see the algo/ config group") -> list[str]:

@@ -17,10 +17,10 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from policies.vla_factory import load_policy
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
+from vla_razor.cli.common import run_config
 
 log = logging.getLogger("eval-forgetting")
 
@@ -69,10 +69,7 @@ def run_eval(cfg: EvalForgettingConfig) -> dict:
 
 @hydra.main(config_path="../../configs/vla", config_name="eval_forgetting", version_base="1.3")
 def _hydra_main(cfg) -> None:
-    try:
-        run_eval(OmegaConf.to_object(cfg))
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"eval-forgetting: {error}") from None
+    run_config("eval-forgetting", run_eval, cfg)
 
 
 def main() -> None:

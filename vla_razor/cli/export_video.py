@@ -14,9 +14,9 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from vla_razor.forgetting import EvalConfig, TaskSet, success_on
+from vla_razor.cli.common import run_config
 
 log = logging.getLogger("export-video")
 
@@ -67,10 +67,7 @@ def export(cfg: ExportVideoConfig) -> list[Path]:
 
 @hydra.main(config_path="../../configs/vla", config_name="export_video", version_base="1.3")
 def _hydra_main(cfg) -> None:
-    try:
-        export(OmegaConf.to_object(cfg))
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"export-video: {error}") from None
+    run_config("export-video", export, cfg)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from envs.parity_mnist import build_parity_mnist, download
 from policies.mlp import StackedMLP
 from vla_razor import parity_mnist as study
 from vla_razor.report import write_report
-from vla_razor.results import read_rows, read_tables, write_rows
+from vla_razor.results import read_tables, write_rows
 
 log = logging.getLogger("parity-mnist")
 

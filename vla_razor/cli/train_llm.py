@@ -22,7 +22,6 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from tqdm.auto import tqdm
 
 from envs import llm_synthetic
@@ -36,7 +35,7 @@ from vla_razor.lm_eval_prior import require_lm_eval, evaluate_prior_benchmarks
 from vla_razor.optim import SCHEDULES, lr_multiplier
 from vla_razor.report import write_report
 from vla_razor.results import read_tables, write_rows
-from vla_razor.cli.common import translate_algo_flag
+from vla_razor.cli.common import run_config, translate_algo_flag
 
 log = logging.getLogger("train-llm")
 
@@ -367,12 +366,7 @@ def run(cfg: TrainLLMConfig) -> dict | None:
 
 @hydra.main(config_path="../../configs/llm", config_name="train_llm", version_base="1.3")
 def _hydra_main(cfg) -> None:
-    try:
-        run(OmegaConf.to_object(cfg))
-    except (ValueError, KeyError, FileNotFoundError, ImportError, CheckpointError, MissingMandatoryValue) as error:
-        # one line that says what to fix, not a traceback (Hydra would print one)
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise SystemExit(f"train-llm: error: {message}") from None
+    run_config("train-llm", run, cfg)
 
 
 def main() -> None:

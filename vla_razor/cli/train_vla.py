@@ -11,6 +11,10 @@ intervals), forward KL to the base on new-task demo states, drawer success at ev
 checkpoints after every epoch / iteration (and every ``checkpoint_every`` SFT updates) and a rerun of the same
 command resumes from there, even after ``kill -9``. At the end it evaluates the policy against the base
 (vla_razor.forgetting), appends a row to the shared results table and rewrites the frontier / forgetting report.
+
+Under ``accelerate launch`` (README, "OpenVLA-7B and multi-GPU") every process runs its own env workers on its
+share of the start cells (RL) or of each batch's rows (SFT), and the processes share one update per step
+(``distributed.strategy=ddp``; ``fsdp`` shards a full fine-tune). The main process evaluates, logs and saves.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from tqdm import tqdm
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from vla_razor import results
 from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from vla_razor.cli.common import reject_unknown_algo, translate_algo_flag
+from vla_razor.distributed import DistributedConfig, full_weights, make_accelerator, prepare, save_main
+from vla_razor.cli.common import run_config, reject_unknown_algo, translate_algo_flag
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
 from vla_razor.objectives import ON_POLICY_OBJECTIVES
 from vla_razor.optim import SCHEDULES, lr_multiplier
@@ -58,7 +63,9 @@ class AlgoConfig:
     batch_size: int = 32            # demo steps per update
     epochs: int = 1
     from_scratch: bool = False      # pretraining: a randomly initialized policy instead of the base
-    mixture: dict[str, float] = field(default_factory=lambda: {"pick_can": 1.0})  # task -> fraction of its demo episodes
+    # task -> fraction of its demo episodes; the keys `new_task` / `prior_tasks` stand for the env group's tasks,
+    # so one algo config serves every backend (env=pick_can, env=simpler_pick_coke_can, ...)
+    mixture: dict[str, float] = field(default_factory=lambda: {"new_task": 1.0})
     checkpoint_every: int = 200     # SFT updates between mid-epoch checkpoints
     # on-policy RL
     iterations: int = 10
@@ -73,6 +80,7 @@ class TrainVLAConfig:
     env: TaskSet = field(default_factory=TaskSet)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     demos_root: str = "runs/demos"  # <demos_root>/<task> from collect-demos
     base: str = "runs/vla/base/policy.pt"
     out_dir: str = "runs/vla/${algo.name}_lr${algo.lr}_bs${algo.batch_size}"
@@ -100,9 +108,10 @@ def validate(cfg: TrainVLAConfig) -> None:
         raise ValueError("algo.lr, batch_size, epochs and iterations must be positive")
     if algo.objective != "sft" and (algo.grid < 1 or algo.trajectories_per_cell < 1):
         raise ValueError("algo.grid and algo.trajectories_per_cell must be >= 1")
-    for task, fraction in algo.mixture.items():
+    for key, fraction in algo.mixture.items():
         if not 0 <= fraction <= 1:
-            raise ValueError(f"algo.mixture.{task}={fraction} must be a fraction of that task's episodes in [0, 1]")
+            raise ValueError(f"algo.mixture.{key}={fraction} must be a fraction of that task's episodes in [0, 1]")
+    for task, fraction in mixture_tasks(algo.mixture, cfg.env).items():
         if fraction > 0 and not (Path(cfg.demos_root) / task / "metadata.json").exists():
             raise FileNotFoundError(f"no demos for {task!r} in {Path(cfg.demos_root) / task}; collect them with "
                                     f"`collect-demos env={task} out_dir={Path(cfg.demos_root) / task}`")
@@ -118,12 +127,21 @@ def identity(cfg: TrainVLAConfig) -> dict:
 
 
 class Run:
-    """State of one training run: policy, optimizer, progress counters, metrics; saved and restored as one file."""
+    """State of one training run: policy, optimizer, progress counters, metrics; saved and restored as one file.
 
-    def __init__(self, cfg: TrainVLAConfig, policy, base, probe):
-        self.cfg, self.policy, self.base, self.probe = cfg, policy, base, probe
+    ``policy`` is the bare policy (rollouts, evaluation, saving); ``model`` the same weights as ``accelerate``
+    prepared them for updates (``model(batch, tokens)`` gives log-probs).
+    """
+
+    def __init__(self, cfg: TrainVLAConfig, policy, base, probe, accelerator):
+        self.cfg, self.base, self.probe, self.accelerator = cfg, base, probe, accelerator
         self.out = Path(cfg.out_dir)
-        self.optimizer = make_optimizer(policy, cfg.algo.lr, cfg.algo.weight_decay)
+        policy.to(accelerator.device)
+        if base is not None:
+            base.to(accelerator.device)
+        self.model, self.optimizer = prepare(accelerator, policy, lambda params: make_optimizer(
+            params, cfg.algo.lr, cfg.algo.weight_decay))
+        self.policy = policy
         self.progress = {"epoch": 0, "batch": 0, "iteration": 0, "updates": 0}
         self.metrics: list[dict] = []
         self.started = time.time()
@@ -132,12 +150,23 @@ class Run:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
     def save(self) -> None:
-        save_checkpoint(self.checkpoint_path, {
-            "identity": identity(self.cfg), "policy": self.policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "progress": self.progress, "metrics": self.metrics,
-            "rng": rng_state()})
-        results.write_rows(self.out / "metrics.csv", self.metrics) if self.metrics else None
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([rng_state()])  # every process's generators, so a resume continues each stream
+        with full_weights(self.accelerator, self.model):
+            state = {"identity": identity(self.cfg), "policy": self.policy.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "progress": self.progress, "metrics": self.metrics,
+                     "rng": rngs}
+
+        def write():
+            save_checkpoint(self.checkpoint_path, state)
+            results.write_rows(self.out / "metrics.csv", self.metrics) if self.metrics else None
+        save_main(self.accelerator, write)
 
     def restore(self) -> bool:
         state = load_checkpoint(self.checkpoint_path)
@@ -149,7 +178,10 @@ class Run:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress, self.metrics = state["progress"], state["metrics"]
-        set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) != self.accelerator.num_processes:
+            raise ValueError(f"{self.checkpoint_path} was written by {len(rngs)} process(es); resume it with as many")
+        set_rng_state(rngs[self.accelerator.process_index])
         log.info("resumed from %s at %s", self.checkpoint_path, self.progress)
         return True
 
@@ -161,19 +193,48 @@ class Run:
         return lr
 
     def log_metrics(self, row: dict, evaluate: bool) -> None:
-        if self.base is not None:
-            row["kl_base_to_policy"] = kl_to_base(self.policy, self.base, self.probe, seed=self.cfg.eval.seed)
-        if evaluate and self.base is not None:
-            row.update(evaluate_checkpoint(self.policy, self.base, self.cfg.base, self.probe, self.cfg.env,
-                                           self.cfg.eval, progress=self.cfg.progress))
+        """KL to the base (and the evaluations when due) on the main process; every process keeps the row."""
+        with full_weights(self.accelerator, self.model):
+            if self.base is not None and self.is_main:
+                row["kl_base_to_policy"] = kl_to_base(self.policy, self.base, self.probe, seed=self.cfg.eval.seed)
+            if evaluate and self.base is not None and self.is_main:
+                row.update(evaluate_checkpoint(self.policy, self.base, self.cfg.base, self.probe, self.cfg.env,
+                                               self.cfg.eval, progress=self.cfg.progress))
+            self.accelerator.wait_for_everyone()
         row["wall_s"] = round(time.time() - self.started, 1)
         self.metrics.append(row)
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if self.is_main:
+            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def mixture_tasks(mixture: dict[str, float], tasks: TaskSet) -> dict[str, float]:
+    """``algo.mixture`` with its role keys (``new_task``, ``prior_tasks``) replaced by the env group's task names;
+    a task named both ways takes its explicit fraction."""
+    roles = {"new_task": [tasks.new_task], "prior_tasks": list(tasks.prior_tasks)}
+    out: dict[str, float] = {}
+    for key, fraction in mixture.items():
+        for task in roles.get(key, []):
+            out.setdefault(task, fraction)
+    out.update({key: fraction for key, fraction in mixture.items() if key not in roles})
+    return out
 
 
 def demo_mixture(cfg: TrainVLAConfig) -> DemoMixture:
-    return DemoMixture({str(Path(cfg.demos_root) / task): fraction for task, fraction in cfg.algo.mixture.items()},
-                       seed=cfg.seed)
+    return DemoMixture({str(Path(cfg.demos_root) / task): fraction
+                        for task, fraction in mixture_tasks(cfg.algo.mixture, cfg.env).items()}, seed=cfg.seed)
+
+
+def check_state_layout(cfg: PolicyConfig, states: torch.Tensor) -> None:
+    """The proprio token's size and state differences must fit the demos' state vector (they are per backend)."""
+    width = states.shape[-1]
+    if cfg.model.proprio_dim and cfg.model.proprio_dim != width:
+        raise ValueError(f"policy.model.proprio_dim={cfg.model.proprio_dim} but the demos' states have {width} "
+                         f"values; set policy.model.proprio_dim={width} (and policy.state_differences=[] unless "
+                         "the state holds object and gripper positions), or policy.model.proprio_dim=null")
+    for a, b in cfg.state_differences:
+        if not cfg.model.proprio_dim or max(a, b) + 3 > width or min(a, b) < 0:
+            raise ValueError(f"policy.state_differences has [{a}, {b}], which does not fit a {width}-value state "
+                             "with proprio_dim set; pass policy.state_differences=[]")
 
 
 def new_task_probe(cfg: TrainVLAConfig):
@@ -184,19 +245,22 @@ def new_task_probe(cfg: TrainVLAConfig):
 
 def train_sft(run: Run, data: DemoMixture) -> None:
     cfg, algo = run.cfg, run.cfg.algo
-    batches_per_epoch = math.ceil(len(data) / algo.batch_size)
+    world = run.accelerator.num_processes
+    # every process needs a row of each batch: a last partial batch smaller than the process count is dropped
+    full_batches, rest = divmod(len(data), algo.batch_size)
+    batches_per_epoch = full_batches + int(rest >= world)
     total = batches_per_epoch * algo.epochs
     bar = tqdm(total=total, initial=run.progress["updates"], desc=f"{algo.name} lr={algo.lr:g}",
-               disable=not cfg.progress, mininterval=2)
+               disable=not cfg.progress or not run.is_main, mininterval=2)
     while run.progress["epoch"] < algo.epochs:
         epoch = run.progress["epoch"]
         data.generator.manual_seed(cfg.seed * 1000 + epoch)  # the epoch's order is fixed, so a resume skips exactly
         losses, t0, seen = [], time.time(), 0
         for index, batch in enumerate(data.epoch(algo.batch_size)):
-            if index < run.progress["batch"]:
+            if index < run.progress["batch"] or index >= batches_per_epoch:
                 continue
             run.set_lr(total)
-            stats = sft_step(run.policy, batch, run.optimizer, algo.max_grad_norm)
+            stats = sft_step(run.model, batch, run.optimizer, algo.max_grad_norm, run.accelerator)
             losses.append(stats["loss/nll"])
             seen += batch.batch_size[0]
             run.progress["batch"] = index + 1
@@ -222,31 +286,38 @@ def train_on_policy(run: Run) -> None:
     from envs.registry import placement_box
     from vla_razor.rollouts import make_task_envs, policy_threads
 
-    cfg, algo = run.cfg, run.cfg.algo
+    cfg, algo, accelerator = run.cfg, run.cfg.algo, run.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
     x_range, y_range = placement_box(cfg.env.new_task)
     cells = grid_positions(algo.grid, algo.grid, x_range, y_range)
-    # worker w runs its cells round-robin, trajectories_per_cell times each per pass
+    if len(cells) < world:
+        raise ValueError(f"algo.grid={algo.grid} gives {len(cells)} start cells for {world} processes; raise it")
+    # process r takes cells r, r + W, ... (a GRPO group, one cell, stays in one process); each of its env workers
+    # runs its share of those round-robin, trajectories_per_cell times each per pass
+    cells = cells[rank::world]
     per_iteration = len(cells) * algo.trajectories_per_cell
     env = make_task_envs(cfg.env.new_task, cells.repeat(algo.trajectories_per_cell, axis=0), cfg.env.num_workers,
-                         image_size=cfg.env.image_size, seed=cfg.seed + 7919 * run.progress["iteration"])
+                         image_size=cfg.env.image_size,
+                         seed=cfg.seed + 7919 * run.progress["iteration"] + 104_729 * rank)
     workers = env.batch_size[0]
     collector = Collector(env, run.policy, frames_per_batch=workers * 8, trajs_per_batch=per_iteration,
-                          traj_format="padded", total_frames=-1)
+                          traj_format="padded", total_frames=-1, policy_device=accelerator.device,
+                          env_device="cpu", storing_device="cpu")
     run.policy.rollout_version = run.progress["updates"]
     bar = tqdm(total=algo.iterations, initial=run.progress["iteration"], desc=f"{algo.name} lr={algo.lr:g}",
-               disable=not cfg.progress)
+               disable=not cfg.progress or not run.is_main)
     try:
         t0 = time.time()
         rollouts = iter(collector)
         while True:
-            with policy_threads():
+            with policy_threads(), full_weights(accelerator, run.model):
                 trajectories = next(rollouts)
             iteration = run.progress["iteration"]
             # trajectories begun under the previous weights finish in this batch; keep the batch on-policy
             fresh = trajectories["policy_version"][:, 0] == run.policy.rollout_version
+            if not _every_process(accelerator, bool(fresh.any())):
+                continue  # an update needs fresh trajectories in every process
             stale = int((~fresh).sum())
-            if not bool(fresh.any()):
-                continue
             trajectories = trajectories[fresh]
             steps = int(trajectories["collector", "mask"].sum())
             collect_s = time.time() - t0
@@ -254,15 +325,18 @@ def train_on_policy(run: Run) -> None:
             groups = _cell_ids(trajectories)
             run.set_lr(algo.iterations)
             t1 = time.time()
-            stats = policy_gradient_update(run.policy, trajectories, success.float(), run.optimizer,
+            stats = policy_gradient_update(run.model, trajectories, success.float(), run.optimizer,
                                            objective=algo.objective, groups=groups,
-                                           minibatch_steps=algo.minibatch_steps, max_grad_norm=algo.max_grad_norm)
+                                           minibatch_steps=algo.minibatch_steps, max_grad_norm=algo.max_grad_norm,
+                                           accelerator=accelerator)
+            counts = _sum_over_processes(accelerator, [float(success.sum()), len(success), stale, steps])
+            successes, n_trajectories, stale, steps = counts[0], int(counts[1]), int(counts[2]), int(counts[3])
             run.progress["iteration"] += 1
             run.progress["updates"] += 1
             run.policy.rollout_version = run.progress["updates"]
             every = cfg.eval.every
             run.log_metrics({"iteration": iteration + 1, "updates": run.progress["updates"],
-                             "rollout_success": 100 * float(success.float().mean()), "trajectories": len(success),
+                             "rollout_success": 100 * successes / n_trajectories, "trajectories": n_trajectories,
                              "stale_dropped": stale,
                              "env_steps": steps, "env_steps_per_s": steps / max(collect_s, 1e-9),
                              "update_s": time.time() - t1, **{k: stats[k] for k in ("loss", "grad_norm")}},
@@ -270,13 +344,24 @@ def train_on_policy(run: Run) -> None:
                             and iteration + 1 < algo.iterations)
             run.save()
             bar.update()
-            bar.set_postfix(success=f"{100 * float(success.float().mean()):.0f}%")
+            bar.set_postfix(success=f"{100 * successes / n_trajectories:.0f}%")
             if run.progress["iteration"] >= algo.iterations:
                 break
             t0 = time.time()
     finally:
         bar.close()
         collector.shutdown()
+
+
+def _sum_over_processes(accelerator, values: list[float]) -> list[float]:
+    if accelerator.num_processes == 1:
+        return values
+    total = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum")
+    return total.tolist()
+
+
+def _every_process(accelerator, flag: bool) -> bool:
+    return _sum_over_processes(accelerator, [float(flag)])[0] == accelerator.num_processes
 
 
 def _cell_ids(trajectories) -> torch.Tensor:
@@ -287,16 +372,20 @@ def _cell_ids(trajectories) -> torch.Tensor:
 
 def run_training(cfg: TrainVLAConfig) -> dict:
     validate(cfg)
+    accelerator = make_accelerator(cfg.distributed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + accelerator.process_index)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    accelerator.wait_for_everyone()
     # a pretrained base goes where fine-tuning runs look for it; a fine-tuned policy into its run folder
     final_path = Path(cfg.base) if cfg.algo.from_scratch else out / "policy.pt"
     data = demo_mixture(cfg) if cfg.algo.objective == "sft" else None
     if cfg.algo.from_scratch:
+        check_state_layout(cfg.policy, data.states())
         policy, base, probe = build_policy(cfg.policy, data.instructions), None, None
         policy.set_proprio_stats(data.states())
         policy(data.batch(torch.arange(2)))  # materialize every parameter before the optimizer sees them
@@ -307,16 +396,19 @@ def run_training(cfg: TrainVLAConfig) -> dict:
             parameter.requires_grad_(True)
         base.eval()
         probe = new_task_probe(cfg)
-    run = Run(cfg, policy, base, probe)
+    run = Run(cfg, policy, base, probe, accelerator)
     if not run.restore() and base is not None:
         run.log_metrics({"epoch" if data is not None else "iteration": 0, "updates": 0}, evaluate=False)
     if data is not None:
         train_sft(run, data)
     else:
         train_on_policy(run)
-    save_policy(final_path, policy, cfg.policy, extra={"algo": cfg.algo.name, "base": cfg.base,
-                                                       "demos_root": cfg.demos_root})
-    return finish(cfg, run, final_path)
+    with full_weights(accelerator, run.model):
+        save_main(accelerator, lambda: save_policy(final_path, policy, cfg.policy, extra={
+            "algo": cfg.algo.name, "base": cfg.base, "demos_root": cfg.demos_root}))
+        result = finish(cfg, run, final_path) if accelerator.is_main_process else {}
+        accelerator.wait_for_everyone()
+    return result
 
 
 def finish(cfg: TrainVLAConfig, run: Run, final_path: Path) -> dict:
@@ -342,11 +434,7 @@ def finish(cfg: TrainVLAConfig, run: Run, final_path: Path) -> dict:
 
 @hydra.main(config_path="../../configs/vla", config_name="train_vla", version_base="1.3")
 def _hydra_main(cfg) -> None:
-    try:
-        run_training(OmegaConf.to_object(cfg))
-    except (FileNotFoundError, ValueError) as error:
-        log.error("%s", error)
-        raise SystemExit(f"train-vla: {error}") from None
+    run_config("train-vla", run_training, cfg)
 
 
 def main() -> None:
