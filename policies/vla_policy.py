@@ -188,7 +188,10 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         return torch.cat(parts, dim=-1)
 
     def set_proprio_stats(self, states: torch.Tensor) -> None:
-        """Normalize proprio features by their statistics over ``states`` [n, D] (a constant one keeps std 1)."""
+        """Normalize proprio features by their statistics over ``states`` [n, D] (a constant one keeps std 1); a
+        policy without a proprio token (OpenVLA's layout) ignores the state."""
+        if not self.use_proprio:
+            return
         features = self.proprio_features(states.float())
         mean, std = features.mean(0), features.std(0)
         self.proprio_mean.copy_(mean)

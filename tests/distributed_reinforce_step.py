@@ -3,6 +3,10 @@
 Each rank starts from its OWN random weights and its own batch: after ``prepare`` DDP must have broadcast rank 0's
 weights, and after the step every rank must hold rank 0's weights minus lr times the gradient averaged over ranks.
 Each rank writes what it saw to ``OUT/rank{r}.pt``; :func:`reference_update` recomputes the update in one process.
+
+Then train-vla's update (``vla_razor.vla_train.policy_gradient_update``) on UNEVEN trajectory batches -- rank 0 has
+3 trajectories (6 steps) in 2 minibatches, rank 1 has 2 (3 steps) in 1 -- must equal one process's update on the union of both:
+reward-normalized baseline over all 5, token mean over all their action tokens (:func:`reference_trajectory_update`).
 """
 import sys
 from pathlib import Path
@@ -35,6 +39,42 @@ def make_batch(rank: int):
     return batch, rewards
 
 
+def trajectories(rank: int) -> tuple[TensorDict, torch.Tensor, torch.Tensor]:
+    """A flat collector batch: rank 0 has 3 trajectories of 2, 1 and 3 steps, rank 1 has 2 of 1 and 2 steps;
+    returns (steps, per-step trajectory index, per-trajectory rewards)."""
+    lengths = [2, 1, 3] if rank == 0 else [1, 2]
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(50 + rank)
+    steps = TensorDict({("observation", "image"): torch.randint(0, 256, (n, 3, 28, 28), generator=g,
+                                                                dtype=torch.uint8),
+                        ("vla_action", "tokens"): torch.randint(0, 256, (n, 1, 7), generator=g),
+                        "language_instruction": [INSTRUCTIONS[i % 2] for i in range(n)]}, batch_size=[n])
+    index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    rewards = torch.tensor([1.0, 0.0, 1.0]) if rank == 0 else torch.tensor([0.0, 0.0])
+    return steps, index, rewards
+
+
+def union(parts: list[tuple]) -> tuple[TensorDict, torch.Tensor, torch.Tensor]:
+    """Every rank's trajectories as one batch, trajectory indices offset rank after rank."""
+    offsets = [0]
+    for _, _, rewards in parts[:-1]:
+        offsets.append(offsets[-1] + len(rewards))
+    return (torch.cat([steps for steps, _, _ in parts]),
+            torch.cat([index + offset for (_, index, _), offset in zip(parts, offsets)]),
+            torch.cat([rewards for _, _, rewards in parts]))
+
+
+def reference_trajectory_update(initial: dict) -> dict[str, torch.Tensor]:
+    from vla_razor.distributed import PolicyForward
+    from vla_razor.vla_train import policy_gradient_update
+
+    policy = make_policy(0)
+    policy.load_state_dict(initial)
+    policy_gradient_update(PolicyForward(policy), *union([trajectories(0), trajectories(1)]), torch.optim.SGD(policy.parameters(), lr=LR),
+                           objective="reinforce", minibatch_steps=3, max_grad_norm=1e9)
+    return policy.state_dict()
+
+
 def reference_update(results: list[dict]) -> dict[str, torch.Tensor]:
     """Rank 0's initial weights after one SGD step on the gradient averaged over every rank's batch."""
     policy = make_policy(0)
@@ -65,9 +105,16 @@ def main(out: Path) -> None:
     accelerator.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
-    torch.save({"initial": initial, "final": unwrap_policy(accelerator, wrapped).state_dict(), "batch": batch,
-                "tokens": tokens, "rewards": rewards, "local_stats": stats,
-                "stats": gather_stats(accelerator, stats)}, out / f"rank{r}.pt")
+    final = {k: v.clone() for k, v in unwrap_policy(accelerator, wrapped).state_dict().items()}
+
+    from vla_razor.vla_train import policy_gradient_update
+
+    update = policy_gradient_update(wrapped, *trajectories(r), optimizer, objective="reinforce",
+                                    minibatch_steps=3 if r == 0 else 5, max_grad_norm=1e9, accelerator=accelerator)
+    torch.save({"initial": initial, "final": final, "batch": batch, "tokens": tokens, "rewards": rewards,
+                "local_stats": stats, "stats": gather_stats(accelerator, stats),
+                "after_trajectory_update": unwrap_policy(accelerator, wrapped).state_dict(), "update": update},
+               out / f"rank{r}.pt")
 
 
 if __name__ == "__main__":

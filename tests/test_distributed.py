@@ -21,13 +21,20 @@ def _script():
     return module
 
 
-def test_two_process_reinforce_step_syncs_weights_and_averages_gradients(tmp_path):
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> list[dict]:
+    """The script under ``accelerate launch --num_processes 2``, once for the module; both ranks' records."""
+    out = tmp_path_factory.mktemp("distributed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(tmp_path)]
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(out)]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_two_process_reinforce_step_syncs_weights_and_averages_gradients(launched):
+    results = launched
 
     initial = [r["initial"] for r in results]
     assert any(not torch.equal(initial[0][k], initial[1][k]) for k in initial[0]), "ranks started identical"
@@ -45,3 +52,17 @@ def test_two_process_reinforce_step_syncs_weights_and_averages_gradients(tmp_pat
     local = [r["local_stats"] for r in results]
     for key, value in results[0]["stats"].items():
         assert value == pytest.approx((local[0][key] + local[1][key]) / 2)
+
+
+def test_policy_gradient_update_over_uneven_process_batches_equals_one_process_on_their_union(launched):
+    """train-vla's update under 2 processes (3 + 2 trajectories, 2 + 1 minibatches) = one process on all 5."""
+    results = launched
+    after = [r["after_trajectory_update"] for r in results]
+    for key in after[0]:
+        assert torch.equal(after[0][key], after[1][key]), f"{key} differs between ranks"
+    want = _script().reference_trajectory_update(results[0]["final"])
+    moved = [k for k in want if not torch.equal(want[k], results[0]["final"][k])]
+    assert moved
+    for key in want:
+        torch.testing.assert_close(after[0][key], want[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert results[0]["update"]["loss"] == pytest.approx(results[1]["update"]["loss"])

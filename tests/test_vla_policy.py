@@ -8,7 +8,8 @@ from tensordict import NonTensorStack, TensorDict
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from policies.vla_model import VLAModelConfig
 from vla_razor.distributed import PolicyForward
-from vla_razor.vla_train import kl_to_base, make_optimizer, policy_gradient_update
+from vla_razor.vla_train import (kl_to_base, make_optimizer, per_trajectory, policy_gradient_update,
+                                 trajectory_index)
 from vla_razor.video import annotate, tile, upscale, write_video
 
 INSTRUCTIONS = ["pick coke can", "open top drawer"]
@@ -76,14 +77,23 @@ def test_kl_to_base_is_zero_for_a_copy_and_positive_after_an_update(policy):
     assert kl_to_base(tuned, policy, probe) > 0.0
 
 
-def trajectories(n: int = 4, steps: int = 3) -> TensorDict:
-    flat = batch(n * steps, seed=2)
-    flat["vla_action", "tokens"] = torch.randint(0, 256, (n * steps, 7), generator=torch.Generator().manual_seed(3))
-    td = flat.reshape(n, steps)
-    mask = torch.ones(n, steps, dtype=torch.bool)
-    mask[0, 2] = mask[1, 1:] = False
-    td["collector", "mask"] = mask
-    return td
+def trajectories(n: int = 4, steps: int = 3) -> tuple[TensorDict, torch.Tensor]:
+    """A flat collector batch (``traj_format="cat"``) of n trajectories of up to ``steps`` steps, and its
+    per-step trajectory index (trajectory 0 has 2 steps, 1 has 1, the others 3)."""
+    lengths = [2, 1] + [steps] * (n - 2)
+    flat = batch(sum(lengths), seed=2)
+    flat["vla_action", "tokens"] = torch.randint(0, 256, (sum(lengths), 7), generator=torch.Generator().manual_seed(3))
+    flat["collector", "traj_ids"] = torch.repeat_interleave(torch.arange(10, 10 + n), torch.tensor(lengths))
+    return flat, trajectory_index(flat)
+
+
+def test_trajectory_index_and_per_trajectory_reductions():
+    steps = TensorDict({("collector", "traj_ids"): torch.tensor([7, 7, 3, 9, 9, 9])}, batch_size=[6])
+    index = trajectory_index(steps)
+    assert index.tolist() == [0, 0, 1, 2, 2, 2]
+    assert per_trajectory(torch.tensor([False, True, False, False, False, True]), index, "any").tolist() == \
+        [True, False, True]
+    assert per_trajectory(torch.tensor([5, 6, 7, 8, 9, 10]), index, "first").tolist() == [5, 7, 8]
 
 
 def test_minibatched_policy_gradient_equals_the_full_batch(policy):
@@ -94,7 +104,7 @@ def test_minibatched_policy_gradient_equals_the_full_batch(policy):
         for p in model.parameters():
             p.requires_grad_(True)
         optimizer = make_optimizer(model.parameters(), lr=0.0)
-        stats = policy_gradient_update(PolicyForward(model), trajectories(), rewards, optimizer, objective="reinforce",
+        stats = policy_gradient_update(PolicyForward(model), *trajectories(), rewards, optimizer, objective="reinforce",
                                        minibatch_steps=minibatch, max_grad_norm=1e9)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert stats["reward_mean"] == 0.5
@@ -106,9 +116,9 @@ def test_policy_gradient_raises_the_successful_trajectories_log_prob(policy):
     model = policy.frozen_copy()
     for p in model.parameters():
         p.requires_grad_(True)
-    data = trajectories()
+    data, index = trajectories()
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    valid = data[0][data["collector", "mask"][0]]
+    valid = data[index == 0]
 
     def logp():
         with torch.no_grad():
@@ -117,7 +127,7 @@ def test_policy_gradient_raises_the_successful_trajectories_log_prob(policy):
     before = logp()
     optimizer = make_optimizer(model.parameters(), lr=1e-3)
     for _ in range(3):
-        policy_gradient_update(PolicyForward(model), data, rewards, optimizer, objective="reinforce")
+        policy_gradient_update(PolicyForward(model), data, index, rewards, optimizer, objective="reinforce")
     assert logp() > before
 
 

@@ -30,7 +30,7 @@ class DistributedConfig:
     mixed_precision: str = "no"       # no | bf16 | fp16 (autocast; OpenVLA-7B's weights are bf16 already)
     # modules FSDP shards as units: Llama's decoder layers and the ViT blocks of policies/openvla_vision.py
     fsdp_wrap: list[str] = field(default_factory=lambda: ["LlamaDecoderLayer", "Block"])
-    cpu: bool = False                 # force CPU (tests; gloo backend)
+    cpu: bool = False                 # force CPU (gloo backend); a machine without CUDA uses it anyway
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -41,16 +41,19 @@ def make_accelerator(cfg: DistributedConfig):
     """The ``accelerate.Accelerator`` for ``cfg`` (process group from ``accelerate launch``'s environment)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
 
+    # without CUDA, `accelerate launch --multi_gpu` processes must still form one (gloo) process group
+    cpu = cfg.cpu or not torch.cuda.is_available()
     if cfg.strategy == "fsdp":
         # use_orig_params: LoRA mixes frozen and trainable parameters inside one FSDP unit
         plugin = FullyShardedDataParallelPlugin(
             auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(cfg.fsdp_wrap),
             use_orig_params=True, state_dict_type="FULL_STATE_DICT")
-        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, fsdp_plugin=plugin)
+        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, fsdp_plugin=plugin)
     # every trainable parameter gets a gradient each step (ViT heads OpenVLA never reads are frozen), so DDP need
-    # not search the graph for unused ones
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=[ddp])
+    # not search the graph for unused ones; buffers (proprio statistics) are synced once at wrap time and never
+    # change -- a broadcast per forward would deadlock processes that run different numbers of minibatches
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
 
 
 class PolicyForward(nn.Module):

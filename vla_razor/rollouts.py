@@ -64,7 +64,9 @@ def make_task_envs(task: str, positions: Sequence[Sequence[float]] | None, num_w
     factories = [_env_factory(task, share, image_size, seed + 1000 * w, max_episode_steps)
                  for w, share in enumerate(shares)]
     if processes and len(factories) > 1:
-        return ParallelEnv(len(factories), factories, mp_start_method="spawn")
+        # workers report their specs: no throwaway env per worker in this process (~15 s of CPU each)
+        return ParallelEnv(len(factories), factories, mp_start_method="spawn", metadata_from_workers=True,
+                           use_buffers=False)
     return SerialEnv(len(factories), factories)
 
 

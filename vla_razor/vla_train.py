@@ -8,7 +8,6 @@ gradients average over processes and the objective's baseline and token mean spa
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 
@@ -58,18 +57,25 @@ def sft_step(model, batch: TensorDictBase, optimizer: torch.optim.Optimizer, max
     return {**stats, "grad_norm": _clip_and_step(model, optimizer, max_grad_norm, accelerator)}
 
 
-def trajectory_log_probs(model, trajectories: TensorDictBase, minibatch_steps: int) -> Iterable[tuple]:
-    """Teacher-forced log-probs of the collected action tokens, step-minibatch by step-minibatch.
+def trajectory_index(steps: TensorDictBase) -> torch.Tensor:
+    """``[S]`` index of each step's trajectory (0..N-1, in order of first appearance) in a flat collector batch
+    (``traj_format="cat"``: trajectories contiguous, ``("collector", "traj_ids")`` constant within each)."""
+    ids = steps.get(("collector", "traj_ids")).reshape(-1)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    return torch.cumsum(starts.long(), 0) - 1
 
-    ``trajectories`` is a padded collector batch ``[N, T]``; yields ``(log_probs [n, 7], trajectory index [n])`` for
-    the valid steps so the caller can accumulate one loss over all trajectories without holding every graph.
-    """
-    mask = trajectories.get(("collector", "mask"))
-    traj_index, step_index = mask.nonzero(as_tuple=True)
-    for start in range(0, len(traj_index), minibatch_steps):
-        rows, cols = traj_index[start:start + minibatch_steps], step_index[start:start + minibatch_steps]
-        steps = trajectories[rows, cols]
-        yield model(steps, steps.get(ACTION_TOKENS).reshape(-1, 7)), rows
+
+def per_trajectory(values: torch.Tensor, index: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce per-step ``values [S]`` to per-trajectory ``[N]``: ``"any"`` (success) or ``"first"`` (start cell,
+    policy version)."""
+    n = int(index.max()) + 1 if len(index) else 0
+    if how == "any":
+        hits = torch.zeros(n, device=values.device).index_add_(0, index, values.reshape(len(index)).float())
+        return hits > 0
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    return values[first]
 
 
 def _gather_uneven(accelerator, values: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -91,10 +97,11 @@ def batch_advantages(objective: str, rewards: torch.Tensor, groups: torch.Tensor
     return sequence_advantages(objective, every, groups=every_groups)[start:start + len(rewards)]
 
 
-def policy_gradient_update(model, trajectories: TensorDictBase, rewards: torch.Tensor, optimizer, *, objective: str,
-                           groups: torch.Tensor | None = None, minibatch_steps: int = 256,
-                           max_grad_norm: float = 1.0, accelerator=None) -> dict:
-    """One optimizer step on N trajectories: each trajectory is one "sequence" of its T x 7 action tokens.
+def policy_gradient_update(model, steps: TensorDictBase, step_trajectory: torch.Tensor, rewards: torch.Tensor,
+                           optimizer, *, objective: str, groups: torch.Tensor | None = None,
+                           minibatch_steps: int = 256, max_grad_norm: float = 1.0, accelerator=None) -> dict:
+    """One optimizer step on N trajectories given as their steps ``[S]`` (``step_trajectory [S]`` says whose, in
+    0..N-1; ``rewards`` / ``groups`` are ``[N]``): each trajectory is one "sequence" of its T x 7 action tokens.
 
     Advantages come from the named shared objective (``reinforce``: reward-normalized over the N trajectories;
     ``reinforce_1_0``: A = r; ``grpo``: normalized within ``groups`` (trajectories from the same start cell)) and
@@ -104,22 +111,24 @@ def policy_gradient_update(model, trajectories: TensorDictBase, rewards: torch.T
     """
     world = _world(accelerator)[1]
     model.train()
-    advantages = batch_advantages(objective, rewards.float(), groups, accelerator)           # [N]
-    mask = trajectories.get(("collector", "mask"))
-    local_tokens = int(mask.sum()) * 7
+    advantages = batch_advantages(objective, rewards.float(), groups, accelerator)[step_trajectory]   # [S]
+    local_tokens = steps.batch_size[0] * 7
     total_tokens = local_tokens if world == 1 else int(accelerator.reduce(
         torch.tensor(local_tokens, device=accelerator.device), reduction="sum"))
-    minibatches = math.ceil(local_tokens / 7 / minibatch_steps)
+    starts = range(0, steps.batch_size[0], minibatch_steps)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for index, (log_probs, rows) in enumerate(trajectory_log_probs(model, trajectories, minibatch_steps)):
-        part, _ = policy_gradient_objective(log_probs, advantages[rows])
-        # token mean over every process's batch: DDP averages the processes' gradients, hence the factor world
-        weight = world * log_probs.numel() / total_tokens
-        # gradients are synchronized once, on each process's last minibatch
-        sync = accelerator is None or world == 1 or index == minibatches - 1
+    # minibatches of steps whose weighted losses add up to the whole batch's (no graph outlives its minibatch)
+    for start in starts:
+        rows = slice(start, start + minibatch_steps)
+        part_steps = steps[rows]
+        # gradients are synchronized once, on each process's last minibatch (DDP decides that at forward time)
+        sync = world == 1 or start == starts[-1]
         with nullcontext() if sync else accelerator.no_sync(model):
-            _backward(part * weight, accelerator)
+            log_probs = model(part_steps, part_steps.get(ACTION_TOKENS).reshape(-1, 7))
+            part, _ = policy_gradient_objective(log_probs, advantages[rows])
+            # token mean over every process's batch: DDP averages the processes' gradients, hence the factor world
+            _backward(part * (world * log_probs.numel() / total_tokens), accelerator)
         loss_sum += float(part.detach()) * log_probs.numel() / total_tokens
     grad_norm = _clip_and_step(model, optimizer, max_grad_norm, accelerator)
     if world > 1:  # this process's share of the batch loss -> the batch loss

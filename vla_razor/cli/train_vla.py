@@ -41,7 +41,8 @@ from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_check
 from vla_razor.objectives import ON_POLICY_OBJECTIVES
 from vla_razor.optim import SCHEDULES, lr_multiplier
 from vla_razor.vla_data import DemoMixture
-from vla_razor.vla_train import kl_to_base, make_optimizer, policy_gradient_update, sft_step
+from vla_razor.vla_train import (kl_to_base, make_optimizer, per_trajectory, policy_gradient_update, sft_step,
+                                 trajectory_index)
 
 log = logging.getLogger("train-vla")
 ALGOS = "pretrain | sft | reinforce | reinforce_1_0 | grpo"
@@ -301,7 +302,7 @@ def train_on_policy(run: Run) -> None:
                          seed=cfg.seed + 7919 * run.progress["iteration"] + 104_729 * rank)
     workers = env.batch_size[0]
     collector = Collector(env, run.policy, frames_per_batch=workers * 8, trajs_per_batch=per_iteration,
-                          traj_format="padded", total_frames=-1, policy_device=accelerator.device,
+                          traj_format="cat", total_frames=-1, policy_device=accelerator.device,
                           env_device="cpu", storing_device="cpu")
     run.policy.rollout_version = run.progress["updates"]
     bar = tqdm(total=algo.iterations, initial=run.progress["iteration"], desc=f"{algo.name} lr={algo.lr:g}",
@@ -311,21 +312,23 @@ def train_on_policy(run: Run) -> None:
         rollouts = iter(collector)
         while True:
             with policy_threads(), full_weights(accelerator, run.model):
-                trajectories = next(rollouts)
+                batch = next(rollouts)  # [S] steps of whole trajectories, each contiguous
             iteration = run.progress["iteration"]
+            index = trajectory_index(batch)
             # trajectories begun under the previous weights finish in this batch; keep the batch on-policy
-            fresh = trajectories["policy_version"][:, 0] == run.policy.rollout_version
+            fresh = per_trajectory(batch["policy_version"].reshape(-1), index, "first") == run.policy.rollout_version
             if not _every_process(accelerator, bool(fresh.any())):
                 continue  # an update needs fresh trajectories in every process
             stale = int((~fresh).sum())
-            trajectories = trajectories[fresh]
-            steps = int(trajectories["collector", "mask"].sum())
+            keep = fresh[index]
+            batch, index = batch[keep], torch.cumsum(fresh.long(), 0)[index[keep]] - 1
+            steps = batch.batch_size[0]
             collect_s = time.time() - t0
-            success = (trajectories["next", "success"].squeeze(-1) & trajectories["collector", "mask"]).any(-1)
-            groups = _cell_ids(trajectories)
+            success = per_trajectory(batch["next", "success"], index, "any")
+            groups = _cell_ids(per_trajectory(batch["obj_init_xy"], index, "first"))
             run.set_lr(algo.iterations)
             t1 = time.time()
-            stats = policy_gradient_update(run.model, trajectories, success.float(), run.optimizer,
+            stats = policy_gradient_update(run.model, batch, index, success.float(), run.optimizer,
                                            objective=algo.objective, groups=groups,
                                            minibatch_steps=algo.minibatch_steps, max_grad_norm=algo.max_grad_norm,
                                            accelerator=accelerator)
@@ -364,10 +367,9 @@ def _every_process(accelerator, flag: bool) -> bool:
     return _sum_over_processes(accelerator, [float(flag)])[0] == accelerator.num_processes
 
 
-def _cell_ids(trajectories) -> torch.Tensor:
-    """A trajectory's start cell (its object placement) as a group id for GRPO."""
-    xy = trajectories["obj_init_xy"][:, 0]                                      # [N, 2] at the first step
-    return torch.round(xy * 1e4).long() @ torch.tensor([100_000, 1])
+def _cell_ids(start_xy: torch.Tensor) -> torch.Tensor:
+    """A trajectory's start cell (its object placement ``[N, 2]``) as a group id for GRPO."""
+    return torch.round(start_xy * 1e4).long() @ torch.tensor([100_000, 1])
 
 
 def run_training(cfg: TrainVLAConfig) -> dict:
