@@ -210,41 +210,23 @@ class _DrawerExpert(Expert):
 
 
 class OpenDrawerExpert(_DrawerExpert):
-    """Hook closed fingers behind the handle bar from above, then pull the drawer out.
-
-    Unlike the other experts it keeps no phase: each action is a function of the TCP, the handle and the opening
-    alone, so a Markovian policy (the VLA sees one frame and the state) can imitate it exactly, and a hook that
-    slips off the bar is simply re-approached. The approach is a funnel: the TCP descends towards the hook point as
-    its xy error shrinks; the hook point sits mid-gap between bar and drawer front, deep below the bar, which
-    leaves the imitating policy ~2 cm of slack each way.
-    """
+    """Hook closed fingers behind the handle bar from above, then pull the drawer out."""
 
     name = "open_drawer_expert"
-    hook_behind_bar = 0.04  # m from bar centre toward the drawer front: mid-way in the 6 cm bar-front gap
-    tcp_below_bar = 0.015  # m; fingertips below the 1.5 cm bar, palm still above it (the fingers reach ~1.7 cm)
-    funnel_width = 0.02  # m of xy error over which the TCP goes from above_handle down to the hook point
-    engaged_tolerance = 0.012  # m of y error, x error away from the bar, z above the hook point: fingers hold the bar
-    # Pulling presses the fingers on the bar's back face, 2.3 cm short of the hook point: that still counts.
-    bar_contact_slack = 0.035
+    hook_behind_bar = 0.03  # m from bar centre toward the drawer front (bar back + finger half width)
     pull_distance = 0.21  # m; success needs 0.15
     pull_speed = 0.5  # fraction of the 0.1 m/step bound; faster lets the hook slip off the bar
 
     def act(self, env, obs) -> np.ndarray:
         handle, opening, tcp = self._state(env)
-        # The drawer front faces world −x, so "behind the bar" is +x; the hook point moves with the drawer.
+        self.phase_steps += 1
+        # The drawer front faces world −x, so "behind the bar" is +x.
         hook = handle + np.array([self.hook_behind_bar, 0.0, -self.tcp_below_bar])
-        error = tcp - hook
-        xy_error = float(np.linalg.norm(error[:2]))
-        engaged = (-self.bar_contact_slack < error[0] < self.engaged_tolerance
-                   and abs(error[1]) < self.engaged_tolerance and error[2] < self.engaged_tolerance)
-        if engaged:
-            goal = hook.copy()
-            goal[0] = hook[0] + opening - self.pull_distance  # the hook's closed-drawer x, minus the pull
-            return self.servo.action(env, goal, self.down, GRIPPER_CLOSED, max_speed=self.pull_speed)
-        lift = np.clip((xy_error - self.settle_tolerance) / self.funnel_width, 0.0, 1.0) * self.above_handle
-        target = hook + np.array([0.0, 0.0, lift])
-        return self.servo.action(env, target, self.down, GRIPPER_CLOSED,
-                                 max_speed=1.0 if xy_error > 0.03 else 0.3)
+        if self.phase in ("above", "descend"):
+            return self._approach(env, hook, tcp, "pull")
+        goal = hook.copy()
+        goal[0] = hook[0] + opening - self.pull_distance  # the hook's closed-drawer x, minus the pull
+        return self.servo.action(env, goal, self.down, GRIPPER_CLOSED, max_speed=self.pull_speed)
 
 
 class CloseDrawerExpert(_DrawerExpert):
