@@ -122,10 +122,17 @@ def save_main(accelerator, save: Callable[[], object]):
     return result
 
 
+def reduce_floats(accelerator, values: list[float], reduction: str = "sum") -> list[float]:
+    """``values`` summed (or averaged) over processes, the same on all of them; as they are for one process or
+    ``accelerator=None``."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(local, reduction=reduction).tolist()
+
+
 def gather_stats(accelerator, stats: dict[str, float]) -> dict[str, float]:
     """Average float statistics over processes (each process's batch counts once). Every process must pass the
     same keys; the result is the same on all of them."""
     keys = sorted(stats)
-    local = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
-    mean = accelerator.reduce(local, reduction="mean")
-    return dict(zip(keys, mean.tolist()))
+    return dict(zip(keys, reduce_floats(accelerator, [stats[k] for k in keys], reduction="mean")))

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from tensordict import TensorDictBase
 
+from vla_razor.distributed import reduce_floats
 from vla_razor.divergences import kl_base_to_policy_per_position
 from vla_razor.objectives import get_objective, sequence_advantages, policy_gradient_objective
 
@@ -57,13 +58,17 @@ def sft_step(model, batch: TensorDictBase, optimizer: torch.optim.Optimizer, max
     return {**stats, "grad_norm": _clip_and_step(model, optimizer, max_grad_norm, accelerator)}
 
 
+def _run_starts(ids: torch.Tensor) -> torch.Tensor:
+    """``[S]`` True where a run of equal consecutive ids begins."""
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    return starts
+
+
 def trajectory_index(steps: TensorDictBase) -> torch.Tensor:
     """``[S]`` index of each step's trajectory (0..N-1, in order of first appearance) in a flat collector batch
     (``traj_format="cat"``: trajectories contiguous, ``("collector", "traj_ids")`` constant within each)."""
-    ids = steps.get(("collector", "traj_ids")).reshape(-1)
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    return torch.cumsum(starts.long(), 0) - 1
+    return torch.cumsum(_run_starts(steps.get(("collector", "traj_ids")).reshape(-1)).long(), 0) - 1
 
 
 def per_trajectory(values: torch.Tensor, index: torch.Tensor, how: str) -> torch.Tensor:
@@ -73,9 +78,7 @@ def per_trajectory(values: torch.Tensor, index: torch.Tensor, how: str) -> torch
     if how == "any":
         hits = torch.zeros(n, device=values.device).index_add_(0, index, values.reshape(len(index)).float())
         return hits > 0
-    first = torch.ones_like(index, dtype=torch.bool)
-    first[1:] = index[1:] != index[:-1]
-    return values[first]
+    return values[_run_starts(index)]
 
 
 def _gather_uneven(accelerator, values: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -111,10 +114,10 @@ def policy_gradient_update(model, steps: TensorDictBase, step_trajectory: torch.
     """
     world = _world(accelerator)[1]
     model.train()
-    advantages = batch_advantages(objective, rewards.float(), groups, accelerator)[step_trajectory]   # [S]
+    trajectory_advantages = batch_advantages(objective, rewards.float(), groups, accelerator)          # [N]
+    advantages = trajectory_advantages[step_trajectory]                                              # [S]
     local_tokens = steps.batch_size[0] * 7
-    total_tokens = local_tokens if world == 1 else int(accelerator.reduce(
-        torch.tensor(local_tokens, device=accelerator.device), reduction="sum"))
+    total_tokens = int(reduce_floats(accelerator, [local_tokens])[0])
     starts = range(0, steps.batch_size[0], minibatch_steps)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
@@ -131,10 +134,9 @@ def policy_gradient_update(model, steps: TensorDictBase, step_trajectory: torch.
             _backward(part * (world * log_probs.numel() / total_tokens), accelerator)
         loss_sum += float(part.detach()) * log_probs.numel() / total_tokens
     grad_norm = _clip_and_step(model, optimizer, max_grad_norm, accelerator)
-    if world > 1:  # this process's share of the batch loss -> the batch loss
-        loss_sum = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="sum"))
-    return {"loss": loss_sum, "grad_norm": grad_norm, "reward_mean": float(rewards.float().mean()),
-            "advantage_std": float(advantages.std(unbiased=False)) if len(advantages) > 1 else 0.0}
+    loss = reduce_floats(accelerator, [loss_sum])[0]  # this process's share of the batch loss -> the batch loss
+    return {"loss": loss, "grad_norm": grad_norm, "reward_mean": float(rewards.float().mean()),
+            "advantage_std": float(trajectory_advantages.std(unbiased=False)) if len(rewards) > 1 else 0.0}
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from vla_razor import results
 from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from vla_razor.distributed import DistributedConfig, full_weights, make_accelerator, prepare, save_main
+from vla_razor.distributed import DistributedConfig, full_weights, make_accelerator, prepare, reduce_floats, save_main
 from vla_razor.cli.common import run_config, reject_unknown_algo, translate_algo_flag
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
 from vla_razor.objectives import ON_POLICY_OBJECTIVES
@@ -198,9 +198,9 @@ class Run:
         with full_weights(self.accelerator, self.model):
             if self.base is not None and self.is_main:
                 row["kl_base_to_policy"] = kl_to_base(self.policy, self.base, self.probe, seed=self.cfg.eval.seed)
-            if evaluate and self.base is not None and self.is_main:
-                row.update(evaluate_checkpoint(self.policy, self.base, self.cfg.base, self.probe, self.cfg.env,
-                                               self.cfg.eval, progress=self.cfg.progress))
+                if evaluate:
+                    row.update(evaluate_checkpoint(self.policy, self.base, self.cfg.base, self.probe, self.cfg.env,
+                                                   self.cfg.eval, progress=self.cfg.progress))
             self.accelerator.wait_for_everyone()
         row["wall_s"] = round(time.time() - self.started, 1)
         self.metrics.append(row)
@@ -317,7 +317,7 @@ def train_on_policy(run: Run) -> None:
             index = trajectory_index(batch)
             # trajectories begun under the previous weights finish in this batch; keep the batch on-policy
             fresh = per_trajectory(batch["policy_version"].reshape(-1), index, "first") == run.policy.rollout_version
-            if not _every_process(accelerator, bool(fresh.any())):
+            if reduce_floats(accelerator, [float(fresh.any())])[0] < accelerator.num_processes:
                 continue  # an update needs fresh trajectories in every process
             stale = int((~fresh).sum())
             keep = fresh[index]
@@ -332,7 +332,7 @@ def train_on_policy(run: Run) -> None:
                                            objective=algo.objective, groups=groups,
                                            minibatch_steps=algo.minibatch_steps, max_grad_norm=algo.max_grad_norm,
                                            accelerator=accelerator)
-            counts = _sum_over_processes(accelerator, [float(success.sum()), len(success), stale, steps])
+            counts = reduce_floats(accelerator, [success.sum(), len(success), stale, steps])
             successes, n_trajectories, stale, steps = counts[0], int(counts[1]), int(counts[2]), int(counts[3])
             run.progress["iteration"] += 1
             run.progress["updates"] += 1
@@ -356,17 +356,6 @@ def train_on_policy(run: Run) -> None:
         collector.shutdown()
 
 
-def _sum_over_processes(accelerator, values: list[float]) -> list[float]:
-    if accelerator.num_processes == 1:
-        return values
-    total = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum")
-    return total.tolist()
-
-
-def _every_process(accelerator, flag: bool) -> bool:
-    return _sum_over_processes(accelerator, [float(flag)])[0] == accelerator.num_processes
-
-
 def _cell_ids(start_xy: torch.Tensor) -> torch.Tensor:
     """A trajectory's start cell (its object placement ``[N, 2]``) as a group id for GRPO."""
     return torch.round(start_xy * 1e4).long() @ torch.tensor([100_000, 1])
@@ -387,9 +376,10 @@ def run_training(cfg: TrainVLAConfig) -> dict:
     final_path = Path(cfg.base) if cfg.algo.from_scratch else out / "policy.pt"
     data = demo_mixture(cfg) if cfg.algo.objective == "sft" else None
     if cfg.algo.from_scratch:
-        check_state_layout(cfg.policy, data.states())
+        states = data.states()
+        check_state_layout(cfg.policy, states)
         policy, base, probe = build_policy(cfg.policy, data.instructions), None, None
-        policy.set_proprio_stats(data.states())
+        policy.set_proprio_stats(states)
         policy(data.batch(torch.arange(2)))  # materialize every parameter before the optimizer sees them
     else:
         base, _, _ = load_policy(cfg.base)
