@@ -50,6 +50,7 @@ from policies.openvla_fast import (  # noqa: E402
     _cache_kwarg,
     position_ids_from_mask,
     action_token_log_probs,
+    clear_decode_graphs,
     make_adamw,
     reinforce_loss,
     reinforce_step,
@@ -173,6 +174,11 @@ def naive_step(model, opt, pix, ids, mask, adv):
 
 
 # ----------------------------------------------------------------------------- harness
+def _with(ctx, fn):
+    with ctx:
+        return fn()
+
+
 class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
@@ -429,6 +435,73 @@ def check_lora_fused(model, n_img, img, dtype, device):
     return res
 
 
+def check_graph_decode(model, n_img, img, dtype, device):
+    """CUDA-graph decode vs eager decode, same unpadded prompts and forced tokens: the graphs replay the
+    same kernels, so log-probs agree to bf16 noise and greedy tokens match."""
+    pix, ids, mask, _ = make_batch(4, n_img, img, device, dtype, with_actions=False, seed=5)
+    with torch.no_grad():
+        greedy_e, lp_e = sample_action_tokens(model, pix, ids, mask, ACTION_IDS, greedy=True)
+        greedy_g, lp_g = sample_action_tokens(model, pix, ids, mask, ACTION_IDS, greedy=True, cuda_graphs=True)
+        greedy_g2, lp_g2 = sample_action_tokens(model, pix, ids, mask, ACTION_IDS, greedy=True, cuda_graphs=True)
+    clear_decode_graphs()
+    diff = max(float((lp_g - lp_e).abs().max()), float((lp_g2 - lp_e).abs().max()))
+    same = bool(torch.equal(greedy_e, greedy_g) and torch.equal(greedy_e, greedy_g2))
+    return {"max_logp_diff": diff, "greedy_tokens_equal": same, "pass": bool(same and diff <= 0.02)}
+
+
+def profile_breakdown(fn, device) -> dict | None:
+    """GPU kernel time of one call of ``fn`` by kind (GEMM, attention, compiled/triton, copies, other
+    element-wise) and the idle share of its wall time (host-bound launch gaps)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kinds = {"gemm": 0.0, "attention": 0.0, "triton (compiled)": 0.0, "copy/cat": 0.0, "other": 0.0}
+    top = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if not us:
+            continue
+        name = ev.key.lower()
+        if any(k in name for k in ("gemm", "cutlass", "xmma", "sm90", "cublas", "matmul", "splitk")):
+            kind = "gemm"
+        elif any(k in name for k in ("flash", "fmha", "attention", "cudnn", "sdpa")):
+            kind = "attention"
+        elif "triton" in name:
+            kind = "triton (compiled)"
+        elif any(k in name for k in ("copy", "memcpy", "cat", "memset")):
+            kind = "copy/cat"
+        else:
+            kind = "other"
+        kinds[kind] += us / 1e6
+        top.append((us / 1e6, ev.key[:90]))
+    busy = sum(kinds.values())
+    top.sort(reverse=True)
+    return dict(wall_s=round(wall, 4), kernel_s=round(busy, 4), idle_share=round(max(0.0, 1 - busy / wall), 3),
+                by_kind_s={k: round(v, 4) for k, v in kinds.items()},
+                top=[f"{sec * 1e3:.1f} ms {name}" for sec, name in top[:8]])
+
+
+def cudnn_attention():
+    """SDPA with cuDNN's attention kernel first (Hopper), falling back to flash / efficient / math."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priority order
+        return sdpa_kernel(order)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -497,6 +570,11 @@ def main(argv=None):
         bench.meta["host_syncs_naive_generate"] = count_host_syncs(lambda: naive_generate(model, pix, ids, mask))
         print("host syncs:", bench.meta["host_syncs_per_sample_call"], bench.meta["host_syncs_naive_generate"], flush=True)
         del pix, ids, mask
+    if device.type == "cuda":
+        try:
+            checks["cuda_graph_decode"] = check_graph_decode(model, n_img, img, dtype, device)
+        except Exception as e:
+            checks["cuda_graph_decode"] = {"pass": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     print("checks:", json.dumps(checks), flush=True)
 
     def batch_of(b, actions):
@@ -509,19 +587,40 @@ def main(argv=None):
                       need_s=10 + b * 0.05, warmup=1, iters=3)
         del pix, ids, mask
     fused_ops(True)  # compiled element-wise ops for inputs >= 2048 rows (prefill at b>=8), eager below
+    note = "action head, in-place KV cache, last layer trimmed, fused ops >= 2048 rows"
     for b in sizes["sample"]:
         pix, ids, mask, _ = batch_of(b, False)
-        bench.measure("sample", "ours (static KV cache)", b,
+        bench.measure("sample", "ours (eager decode)", b,
                       lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV), fwd,
-                      need_s=10 + b * 0.05, warmup=2, iters=3,
-                      note="action head, in-place KV cache, fused ops >= 2048 rows (eager decode)")
+                      need_s=10 + b * 0.05, warmup=2, iters=3, note=note + ", eager decode")
+        bench.measure("sample", "ours + CUDA-graph decode", b,
+                      lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), fwd,
+                      need_s=10 + b * 0.05, warmup=2, iters=3, note=note + ", decode steps replayed as CUDA graphs")
+        if b == sizes["sample"][-1]:
+            bench.measure("sample", "ours + CUDA graphs + cuDNN attention", b,
+                          lambda: _with(cudnn_attention(), lambda: sample_action_tokens(
+                              model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True)), fwd,
+                          need_s=10 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3, note="SDPA backend order: cuDNN first")
+            bench.measure("sample", "prefill only (attribution)", b,
+                          lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, num_tokens=1), fwd,
+                          need_s=10 + RESERVE_TRAIN, warmup=1, iters=3,
+                          note="num_tokens=1: image+prompt prefill and one head, no decode (MFU on 284-token convention)")
+            try:
+                bench.meta["profile_sample_b%d" % b] = profile_breakdown(
+                    lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), device)
+                print("profile sample:", json.dumps(bench.meta["profile_sample_b%d" % b]), flush=True)
+            except Exception as e:
+                bench.meta["profile_sample_b%d" % b] = f"error: {type(e).__name__}: {str(e)[:200]}"
+        clear_decode_graphs()
         del pix, ids, mask
-    b = sizes["sample"][-1]
-    pix, ids, mask, _ = batch_of(b, False)
-    bench.measure("sample", "ours, DynamicCache (attribution)", b,
-                  lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, kv_cache="dynamic"), fwd,
-                  need_s=10 + b * 0.05 + RESERVE_TRAIN, warmup=1, iters=3, note="same, but transformers DynamicCache (whole-cache cat per step)")
-    del pix, ids, mask
+    if not tiny:
+        b = 512
+        pix, ids, mask, _ = batch_of(b, False)
+        bench.measure("sample", "ours + CUDA-graph decode", b,
+                      lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), fwd,
+                      need_s=40 + RESERVE_TRAIN, warmup=1, iters=3, note=note + ", decode steps replayed as CUDA graphs")
+        clear_decode_graphs()
+        del pix, ids, mask
     fused_ops(False)
 
     # (c) full fine-tune REINFORCE update ------------------------------------------------------------------
@@ -597,8 +696,8 @@ def main(argv=None):
         pmodel.zero_grad(set_to_none=True)
         n_fused = fk.fuse_lora_linears(pmodel)
         opt = make_adamw(pmodel.parameters(), lr=1e-5)
-        if use_compile:
-            fk.compile_decoder_layers(pmodel, True)
+        if use_compile:  # the last layer stays eager: its o_proj / MLP run on the 8 positions the head reads
+            fk.compile_decoder_layers(pmodel, True, last_eager=True)
         else:
             fused_ops(True)
         for b in sizes["lora"]:
@@ -606,7 +705,32 @@ def main(argv=None):
             rb = ReinforceBatch(pix, ids, mask, adv)
             bench.measure("LoRA", "ours + compiled decoder layers", b,
                           lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=25 + b * 0.2,
-                          warmup=2, note=f"{n_fused} fused LoRA linears (bf16 math, fp32 master), compiled layers, fused AdamW")
+                          warmup=2, note=f"{n_fused} fused LoRA linears (bf16 math, fp32 master), compiled layers, "
+                                         "last layer trimmed, fused AdamW")
+            if b == sizes["lora"][-1]:
+                bench.measure("LoRA", "ours + cuDNN attention", b,
+                              lambda: _with(cudnn_attention(), lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV)),
+                              lora, need_s=25 + b * 0.2, warmup=2, note="SDPA backend order: cuDNN first")
+                try:
+                    bench.meta["profile_lora_b%d" % b] = profile_breakdown(
+                        lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), device)
+                    print("profile LoRA:", json.dumps(bench.meta["profile_lora_b%d" % b]), flush=True)
+                except Exception as e:
+                    bench.meta["profile_lora_b%d" % b] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                if use_compile:
+                    fk.compile_decoder_layers(pmodel, True)
+                    bench.measure("LoRA", "all layers compiled, untrimmed (attribution)", b,
+                                  lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=25 + b * 0.2,
+                                  warmup=2, note="run 3's configuration: a compiled layer skips the trimming hooks")
+                    fk.compile_decoder_layers(pmodel, True, last_eager=True)
+            del pix, ids, mask, adv, rb
+        if not tiny:
+            b = 96
+            pix, ids, mask, adv = batch_of(b, True)
+            rb = ReinforceBatch(pix, ids, mask, adv)
+            bench.measure("LoRA", "ours + compiled decoder layers", b,
+                          lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=40,
+                          warmup=2, note="as above, batch 96")
             del pix, ids, mask, adv, rb
         fk.compile_decoder_layers(pmodel, False)
         fused_ops(False)

@@ -201,22 +201,23 @@ def unfuse_lora_linears(model) -> None:
 
 
 def compile_decoder_layers(
-    model, enable: bool = True, dynamic: bool | None = None, suffixes: tuple[str, ...] = ("DecoderLayer",)
+    model, enable: bool = True, dynamic: bool | None = None, suffixes: tuple[str, ...] = ("DecoderLayer",),
+    last_eager: bool = False,
 ) -> int:
     """Regionally ``torch.compile`` (or un-compile) every module whose class name ends with one of
     ``suffixes`` (default ``*DecoderLayer``; add ``"EncoderLayer"`` for the vision tower); returns the count.
+    ``last_eager``: leave the last matching layer uncompiled - a compiled layer does not run hooks on its
+    sub-modules, and :func:`policies.openvla_fast.last_layer_rows` trims the last layer through hooks.
 
     Identical layers share one compiled graph, so compile time is one layer's, not 32. Meant for
     cache-free calls (teacher forcing, training): with a KV cache each layer's ``layer_idx``
     would specialise the graph per layer.
     """
     _raise_recompile_limit()
-    count = 0
-    for module in model.modules():
-        if type(module).__name__.endswith(tuple(suffixes)):
-            if enable:
-                module.compile(dynamic=dynamic)
-            else:
-                module._compiled_call_impl = None
-            count += 1
-    return count
+    layers = [m for m in model.modules() if type(m).__name__.endswith(tuple(suffixes))]
+    for i, module in enumerate(layers):
+        if enable and not (last_eager and i == len(layers) - 1):
+            module.compile(dynamic=dynamic)
+        else:
+            module._compiled_call_impl = None
+    return len(layers) - (1 if enable and last_eager and layers else 0)

@@ -188,3 +188,44 @@ def test_fused_lora_matches_peft(model):
     torch.testing.assert_close(lp_f, lp_ref, atol=1e-6, rtol=0)
     for a, b in zip(g_f, g_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_trimmed_last_layer_gives_the_same_log_probs_and_gradients(model):
+    from policies.openvla_fast import _body, last_layer_rows
+
+    m = model.double()
+    try:
+        pix, ids, mask = _prompt(3, seed=4)
+        ids, mask = _left_pad(ids, mask, 2)
+        mask[0, :2] = 1
+        pix = pix.double()
+        g = torch.Generator().manual_seed(2)
+        tokens, lp_trim = sample_action_tokens(m, pix, ids, mask, ACTION_IDS, generator=g, trim_last_layer=True)
+        _, lp_full = sample_action_tokens(m, pix, ids, mask, ACTION_IDS, tokens=tokens, trim_last_layer=False)
+        assert torch.allclose(lp_trim, lp_full, atol=1e-10)
+
+        full_ids, full_mask = torch.cat([ids, tokens], 1), torch.cat([mask, torch.ones_like(tokens)], 1)
+        adv = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+        grads = {}
+        for trim in (True, False):
+            m.zero_grad(set_to_none=True)
+            lp, _ = action_token_log_probs(m, pix, full_ids, full_mask, ACTION_IDS, trim_last_layer=trim)
+            reinforce_loss(lp, adv)[0].backward()
+            grads[trim] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        assert torch.allclose(lp, lp_trim, atol=1e-10)
+        assert grads[True].keys() == grads[False].keys()
+        for name in grads[True]:
+            assert torch.allclose(grads[True][name], grads[False][name], atol=1e-10), name
+
+        rows = []  # the last layer's MLP sees only the kept positions; earlier layers see all of them
+        layers = [mod for mod in _body(m).modules() if type(mod).__name__.endswith("DecoderLayer")]
+        with torch.no_grad(), last_layer_rows(_body(m), 8, full_ids.shape[1]):  # hooks run in registration order: count after slicing
+            hooks = [layer.mlp.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[1]))
+                     for layer in layers]
+            _body(m)(pixel_values=pix, input_ids=full_ids, attention_mask=full_mask, use_cache=False)
+        for h in hooks:
+            h.remove()
+        assert rows == [full_ids.shape[1]] * (len(layers) - 1) + [8]
+    finally:
+        m.zero_grad(set_to_none=True)
+        model.float()
