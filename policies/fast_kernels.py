@@ -54,12 +54,13 @@ _COMPILED: dict[str, object] = {}
 _ORIGINALS: dict[str, object] = {}
 
 
-def _compiled(name: str, fn, compile: bool):
+def _compiled(name: str, fn, compile: bool, dynamic: bool = True):
     if not compile:  # same formulas, eager: for CPU tests and for debugging
         return fn
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=True)
-    return _COMPILED[name]
+    key = f"{name}/{'dynamic' if dynamic else 'static'}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=dynamic)
+    return _COMPILED[key]
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -69,7 +70,8 @@ def _raise_recompile_limit(limit: int = 64) -> None:
             setattr(cfg, attr, max(getattr(cfg, attr), limit))
 
 
-def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: int = 2048) -> None:
+def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: int = 2048, rope: bool = True,
+                           dynamic: bool = True) -> None:
     """Patch (``enable=True``) or restore HF Llama's RMSNorm, MLP and rotary with fused versions.
 
     ``compile=False`` installs the same formulas uncompiled (tests the patch without compile time).
@@ -79,6 +81,8 @@ def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: 
     host time exceeds the GPU time saved (run 1: batch-1 sampling 0.57x naive with every call compiled).
     Affects every Llama model in the process (class-level patch). The MLP patch assumes
     ``hidden_act == "silu"`` and falls back to the original forward otherwise.
+    ``rope=False`` keeps Hugging Face's rotary code; ``dynamic=False`` compiles per input shape (one
+    compile per batch size, faster kernels than the shape-generic ones).
     """
     from transformers.models.llama import modeling_llama as ml
 
@@ -92,9 +96,9 @@ def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: 
         ml.apply_rotary_pos_emb = _ORIGINALS["rope"]
         return
     _raise_recompile_limit()
-    norm_c = _compiled("norm", _rms_norm, compile)
-    silu_mul_c = _compiled("silu_mul", _silu_mul, compile)
-    rope_c = _compiled("rope", _apply_rotary, compile)
+    norm_c = _compiled("norm", _rms_norm, compile, dynamic)
+    silu_mul_c = _compiled("silu_mul", _silu_mul, compile, dynamic)
+    rope_c = _compiled("rope", _apply_rotary, compile, dynamic)
     orig_mlp = _ORIGINALS["mlp"]
 
     def big(x: torch.Tensor) -> bool:
@@ -116,7 +120,7 @@ def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: 
 
     ml.LlamaRMSNorm.forward = norm_forward
     ml.LlamaMLP.forward = mlp_forward
-    ml.apply_rotary_pos_emb = rope
+    ml.apply_rotary_pos_emb = rope if rope else _ORIGINALS["rope"]
 
 
 class _LoRALinearFn(torch.autograd.Function):
