@@ -214,6 +214,10 @@ class OpenDrawerExpert(_DrawerExpert):
 
     name = "open_drawer_expert"
     hook_behind_bar = 0.03  # m from bar centre toward the drawer front (bar back + finger half width)
+    # A deep hook and an early descent: a base cloned from the shallow (1.5 cm), tightly settled (4 mm)
+    # expert hovered above the bar or let it slip while pulling (15 % open-drawer success on 20 positions).
+    tcp_below_bar = 0.03  # m; the palm stays ~1 cm above the bar
+    settle_tolerance = 0.01  # m; the bar-to-front gap leaves ~1.2 cm of x slack toward the bar
     pull_distance = 0.21  # m; success needs 0.15
     pull_speed = 0.5  # fraction of the 0.1 m/step bound; faster lets the hook slip off the bar
 
