@@ -18,18 +18,25 @@ collect-demos env=open_drawer grid=5 per_cell=3 out_dir="$RUN_ROOT/demos/open_dr
 collect-demos env=close_drawer grid=4 per_cell=3 out_dir="$RUN_ROOT/demos/close_drawer"
 
 stamp "pretraining the base policy"
-train-vla --algo pretrain "${common[@]}"
+train-vla --algo pretrain "${common[@]}" eval.at_end=false
 
 stamp "fine-tuning with SFT"
-train-vla --algo sft "${common[@]}" out_dir="$RUN_ROOT/sft" algo.lr=3e-4 algo.epochs=2
+train-vla --algo sft "${common[@]}" out_dir="$RUN_ROOT/sft" algo.lr=3e-4 algo.epochs=2 eval.at_end=false
 
 stamp "fine-tuning with REINFORCE"
 train-vla --algo reinforce "${common[@]}" out_dir="$RUN_ROOT/reinforce" algo.lr=1e-4 algo.iterations=8 \
-  algo.grid=4 algo.trajectories_per_cell=2
+  algo.grid=4 algo.trajectories_per_cell=2 eval.at_end=false
 
-stamp "exporting rollout videos"
+# One evaluation pass for the base, SFT and REINFORCE: each task's env workers start once and score all three
+# on the same seeded positions (starting workers costs more than scoring a policy on them).
+stamp "evaluating base, SFT and REINFORCE (new task, drawers, KL)"
+# (the evaluation sizes are experiment=embedded's, which configures train-vla only)
+eval-forgetting policy_files="[$RUN_ROOT/sft/policy.pt,$RUN_ROOT/reinforce/policy.pt]" demos_root="$RUN_ROOT/demos" \
+  base="$RUN_ROOT/base/policy.pt" results="$RUN_ROOT/results.csv" report_dir="$RUN_ROOT/report" threads=2 \
+  eval.new_task_positions=20 eval.prior_positions=8 eval.kl_probe_states=256
+
+stamp "exporting a rollout video"
 export-video policy_file="$RUN_ROOT/reinforce/policy.pt" episodes=4 out="$RUN_ROOT/report/reinforce_pick_can.mp4"
-export-video policy_file="$RUN_ROOT/base/policy.pt" episodes=4 out="$RUN_ROOT/report/base_pick_can.mp4"
 
 stamp "done: $RUN_ROOT/report (runs.md, summary.md, frontier.png, forgetting_vs_kl.png, *.mp4)"
 cat "$RUN_ROOT/report/runs.md"

@@ -120,6 +120,34 @@ def test_eval_forgetting_scores_simpler_drawers_and_writes_a_row(study, trained,
     assert "simpler_open_drawer %" in runs and "simpler_close_drawer %" in runs
 
 
+def test_eval_forgetting_scores_several_runs_on_shared_workers_like_one_at_a_time(study, trained, fake_env, tmp_path):
+    root = study["root"]
+    common = (f"base={root / 'base' / 'policy.pt'}", f"demos_root={root / 'demos'}", "env=simpler_pick_coke_can",
+              "env.image_size=32", "env.num_workers=1", "eval.prior_positions=2", "eval.new_task_positions=2",
+              "eval.kl_probe_states=8", "threads=1", "progress=false")
+    alone, shared = tmp_path / "alone.csv", tmp_path / "shared.csv"
+    cli(fake_env, "eval_forgetting", f"policy_file={root / 'reinforce' / 'policy.pt'}", f"results={alone}",
+        f"report_dir={tmp_path / 'r1'}", *common)
+    cli(fake_env, "eval_forgetting", f"policy_files=[{root / 'sft' / 'policy.pt'},{root / 'reinforce' / 'policy.pt'}]",
+        f"results={shared}", f"report_dir={tmp_path / 'r2'}", *common)
+    rows = results.read_rows(shared)
+    assert [r["method"] for r in rows] == ["sft", "reinforce"]
+    [single] = results.read_rows(alone)
+    keys = ("new_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer", "kl_base_to_policy", "forgetting")
+    assert {k: rows[1][k] for k in keys} == {k: single[k] for k in keys}  # same positions, same seeds, same scores
+    assert "sft" in (tmp_path / "r2" / "runs.md").read_text()
+
+
+def test_train_vla_without_final_evaluation_writes_the_policy_and_no_row(study, fake_env, tmp_path):
+    out = tmp_path / "sft_noeval"
+    table = study["root"] / "results.csv"
+    before = results.read_rows(table) if table.exists() else []
+    cli(fake_env, "train_vla", "--algo", "sft", *study["common"], f"out_dir={out}", "algo.epochs=1",
+        "eval.at_end=false")
+    assert (out / "policy.pt").exists()
+    assert (results.read_rows(table) if table.exists() else []) == before
+
+
 def test_export_video_renders_the_fake_overhead_camera(study, fake_env, tmp_path):
     import imageio.v3 as iio
 

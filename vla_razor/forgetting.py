@@ -32,6 +32,7 @@ class EvalConfig:
     greedy: bool = False
     every: int = 0                  # also evaluate every N epochs / iterations during training (0: at the end)
     prior: bool = True              # evaluate the prior (drawer) tasks
+    at_end: bool = True             # evaluate when training ends (false: score several runs in one eval-forgetting call)
 
 
 @dataclass
@@ -81,45 +82,80 @@ def _cache_key(base_path: str, tasks: TaskSet, cfg: EvalConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _base_cache(base_path: str, tasks: TaskSet, cfg: EvalConfig) -> Path:
+    return Path(base_path).with_name(f"base_eval-{_cache_key(base_path, tasks, cfg)}.json")
+
+
+def score_policies(policies: dict, base, base_path: str, tasks: TaskSet, cfg: EvalConfig,
+                   progress: bool = True) -> tuple[dict, dict[str, dict]]:
+    """Success rates (%) of the base and of ``policies`` on the new task and, with ``cfg.prior``, the prior tasks.
+
+    Each task gets ONE set of env workers shared by every policy (worker start-up - ManiSkill scenes plus the
+    renderer's shader compile - costs more than evaluating a policy on 8 positions). The base is scored only where
+    the cache beside the base file lacks it. Returns (base scores, {name: scores}).
+    """
+    cache = _base_cache(base_path, tasks, cfg)
+    base_row = json.loads(cache.read_text()) if cache.exists() else {}
+    rows: dict[str, dict] = {name: {} for name in policies}
+    jobs = [(tasks.new_task, cfg.new_task_positions, "new_score")]
+    if cfg.prior:
+        jobs += [(task, cfg.prior_positions, f"prior_{task}") for task in tasks.prior_tasks]
+    base_name = "base"
+    while base_name in policies:
+        base_name = "_" + base_name
+    for task, n, key in jobs:
+        todo = dict(policies) if key in base_row else {base_name: base, **policies}
+        if not todo:
+            continue
+        scores = success_on(todo, task, n, tasks, cfg, progress=progress)
+        if base_name in scores:
+            base_row[key] = 100 * scores[base_name].success_rate
+        for name in policies:
+            rows[name][key] = 100 * scores[name].success_rate
+    if cfg.prior:
+        base_row["prior_score"] = float(np.mean([base_row[f"prior_{t}"] for t in tasks.prior_tasks]))
+        for row in rows.values():
+            row["prior_score"] = float(np.mean([row[f"prior_{t}"] for t in tasks.prior_tasks]))
+    if not cache.exists():
+        partial = cache.with_name(cache.name + ".partial")
+        partial.write_text(json.dumps(base_row, indent=1))
+        os.replace(partial, cache)
+    return base_row, rows
+
+
 def base_scores(base, base_path: str, tasks: TaskSet, cfg: EvalConfig, progress: bool = True) -> dict:
     """Base new-task and prior-task scores, from the cache beside the base file when it holds them."""
-    cache = Path(base_path).with_name(f"base_eval-{_cache_key(base_path, tasks, cfg)}.json")
-    if cache.exists():
-        return json.loads(cache.read_text())
-    scores = {"new_score": 100 * success_on({"base": base}, tasks.new_task, cfg.new_task_positions, tasks, cfg,
-                                            progress=progress)["base"].success_rate}
-    if cfg.prior:
-        for task in tasks.prior_tasks:
-            scores[f"prior_{task}"] = 100 * success_on({"base": base}, task, cfg.prior_positions, tasks, cfg,
-                                                       progress=progress)["base"].success_rate
-        scores["prior_score"] = float(np.mean([scores[f"prior_{t}"] for t in tasks.prior_tasks]))
-    partial = cache.with_name(cache.name + ".partial")
-    partial.write_text(json.dumps(scores, indent=1))
-    os.replace(partial, cache)
-    return scores
+    return score_policies({}, base, base_path, tasks, cfg, progress)[0]
+
+
+def evaluate_checkpoints(policies: dict, base, base_path: str, probe, tasks: TaskSet, cfg: EvalConfig, *,
+                         prior: bool | None = None, progress: bool = True) -> dict[str, dict]:
+    """Results rows of several policies (and the base's scores) from one set of env workers per task:
+    new/prior scores, the base's, forgetting and KL(pi_0 || pi) per action dim."""
+    from vla_razor.vla_train import kl_to_base
+
+    prior = cfg.prior if prior is None else prior
+    # the base needs prior scores whenever these rows do (eval-forgetting asks prior=True whatever eval.prior says)
+    base_row, scores = score_policies(policies, base, base_path, tasks, replace(cfg, prior=prior), progress)
+    rows = {}
+    for name, policy in policies.items():
+        row = {"kl_base_to_policy": kl_to_base(policy, base, probe, seed=cfg.seed),
+               "new_score": scores[name]["new_score"], "base_new_score": base_row["new_score"]}
+        if prior:
+            row.update({f"prior_{t}": scores[name][f"prior_{t}"] for t in tasks.prior_tasks})
+            row["prior_score"] = scores[name]["prior_score"]
+            row.update({f"base_prior_{t}": base_row[f"prior_{t}"] for t in tasks.prior_tasks})
+            row["base_prior_score"] = base_row["prior_score"]
+            row["forgetting"] = base_row["prior_score"] - row["prior_score"]
+        rows[name] = row
+    return rows
 
 
 def evaluate_checkpoint(policy, base, base_path: str, probe, tasks: TaskSet, cfg: EvalConfig, *,
                         prior: bool | None = None, progress: bool = True) -> dict:
-    """One results row: new/prior scores of ``policy``, the base's, forgetting and KL(pi_0 || pi) per action dim."""
-    from vla_razor.vla_train import kl_to_base
-
-    prior = cfg.prior if prior is None else prior
-    # the base needs prior scores whenever this row does (eval-forgetting asks prior=True whatever eval.prior says)
-    base_row = base_scores(base, base_path, tasks, replace(cfg, prior=prior), progress)
-    row = {"kl_base_to_policy": kl_to_base(policy, base, probe, seed=cfg.seed),
-           "new_score": 100 * success_on({"policy": policy}, tasks.new_task, cfg.new_task_positions, tasks, cfg,
-                                         progress=progress)["policy"].success_rate,
-           "base_new_score": base_row["new_score"]}
-    if prior:
-        for task in tasks.prior_tasks:
-            row[f"prior_{task}"] = 100 * success_on({"policy": policy}, task, cfg.prior_positions, tasks, cfg,
-                                                    progress=progress)["policy"].success_rate
-        row["prior_score"] = float(np.mean([row[f"prior_{t}"] for t in tasks.prior_tasks]))
-        row.update({f"base_prior_{t}": base_row[f"prior_{t}"] for t in tasks.prior_tasks})
-        row["base_prior_score"] = base_row["prior_score"]
-        row["forgetting"] = base_row["prior_score"] - row["prior_score"]
-    return row
+    """One results row (:func:`evaluate_checkpoints` for a single policy)."""
+    return evaluate_checkpoints({"policy": policy}, base, base_path, probe, tasks, cfg, prior=prior,
+                                progress=progress)["policy"]
 
 
 def append_row(table: str | os.PathLike, row: dict) -> list[dict]:

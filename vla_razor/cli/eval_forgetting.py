@@ -2,6 +2,7 @@
 
     eval-forgetting policy_file=runs/main/reinforce/policy.pt base=runs/main/base/policy.pt demos_root=runs/main/demos
     eval-forgetting policy_file=... base=... eval.new_task_positions=100 eval.prior_positions=20
+    eval-forgetting policy_files=[runs/main/sft/policy.pt,runs/main/reinforce/policy.pt] base=...   # one row each
 
 Writes one row to the shared results table (``results``) and rewrites the frontier / KL-forgetting report in
 ``report_dir`` from all rows, so the rows of a ``train-vla -m`` sweep and hand-evaluated checkpoints share one
@@ -19,7 +20,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 
 from policies.vla_factory import load_policy
-from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
+from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoints, write_robot_report
 from vla_razor.cli.common import run_config
 
 log = logging.getLogger("eval-forgetting")
@@ -28,7 +29,9 @@ log = logging.getLogger("eval-forgetting")
 @dataclass
 class EvalForgettingConfig:
     # the fine-tuned policy file (policy.pt of a train-vla run); not `policy`, which Hydra reads as the policy/ group
-    policy_file: str = "???"
+    policy_file: str = ""
+    # several fine-tuned policies scored on one set of env workers per task (one row each), e.g. a sweep's runs
+    policy_files: list[str] = field(default_factory=list)
     base: str = "runs/vla/base/policy.pt"
     method: str = ""                # results-table label; default: the policy's training algo
     demos_root: str = "runs/demos"  # new-task demo states for the KL probe: <demos_root>/<env.new_task>
@@ -43,28 +46,39 @@ class EvalForgettingConfig:
 ConfigStore.instance().store(name="eval_forgetting_schema", node=EvalForgettingConfig)
 
 
-def run_eval(cfg: EvalForgettingConfig) -> dict:
+def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
     from vla_razor.vla_data import DemoMixture
 
-    for name, path in (("policy_file", cfg.policy_file), ("base", cfg.base)):
+    files = ([cfg.policy_file] if cfg.policy_file else []) + list(cfg.policy_files)
+    if not files:
+        raise ValueError("no policy to evaluate: pass policy_file=<run>/policy.pt or policy_files=[<a>,<b>]")
+    for name, path in [("base", cfg.base)] + [("policy_file", f) for f in files]:
         if not Path(path).exists():
             raise FileNotFoundError(f"{name}={path} does not exist; pass the policy.pt of a train-vla run")
+    if cfg.method and len(files) > 1:
+        raise ValueError("method= labels a single policy; with policy_files the rows take each run's algo")
     demos = Path(cfg.demos_root) / cfg.env.new_task
     if not (demos / "metadata.json").exists():
         raise FileNotFoundError(f"no new-task demos in {demos} for the KL probe; set demos_root= or collect them")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy, _, extra = load_policy(cfg.policy_file)
+    policies, labels = {}, {}
+    for i, path in enumerate(files):
+        policy, _, extra = load_policy(path)
+        policies[f"policy{i}"] = policy
+        labels[f"policy{i}"] = (cfg.method or extra.get("algo", "unknown"), str(Path(path).parent))
     base, _, _ = load_policy(cfg.base)
     probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)
-    row = {"method": cfg.method or extra.get("algo", "unknown"), "run": str(Path(cfg.policy_file).parent),
-           "progress": 1.0}
-    row.update(evaluate_checkpoint(policy, base, cfg.base, probe, cfg.env, cfg.eval, prior=True,
-                                   progress=cfg.progress))
-    rows = append_row(cfg.results, row)
+    scored = evaluate_checkpoints(policies, base, cfg.base, probe, cfg.env, cfg.eval, prior=True,
+                                  progress=cfg.progress)
+    out = []
+    for name, (method, run) in labels.items():
+        row = {"method": method, "run": run, "progress": 1.0, **scored[name]}
+        rows = append_row(cfg.results, row)
+        log.info("%s", json.dumps(row))
+        out.append(row)
     write_robot_report(rows, cfg.report_dir)
-    log.info("%s", json.dumps(row))
-    return row
+    return out
 
 
 @hydra.main(config_path="../../configs/vla", config_name="eval_forgetting", version_base="1.3")

@@ -405,6 +405,10 @@ def run_training(cfg: TrainVLAConfig) -> dict:
 
 def finish(cfg: TrainVLAConfig, run: Run, final_path: Path) -> dict:
     """Scores of the trained policy; for a fine-tuned one also the results row and the refreshed report."""
+    if not cfg.eval.at_end:
+        log.info("saved %s; not evaluated (eval.at_end=false): score it with eval-forgetting policy_files=[...]",
+                 final_path)
+        return {}
     if cfg.algo.from_scratch:
         from vla_razor.forgetting import base_scores
 
