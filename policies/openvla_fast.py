@@ -192,12 +192,14 @@ def last_layer_rows(body, keep: int, seq_len: int):
     shapes and the residual stream are what the model expects; hidden states at the other positions
     of the LAST layer are meaningless inside the context. The hooks stay installed (fixed functions,
     state in one attribute) so a ``torch.compile``-d layer sees the same hooks on every call.
-    A no-op for models without ``o_proj``/``mlp``.
+    A no-op for models without ``o_proj``/``mlp`` and for a gradient-checkpointed last layer in training.
     """
     layer = _last_decoder_layer(body)
     attn = getattr(layer, "self_attn", None) if layer is not None else None
     targets = [m for m in (getattr(attn, "o_proj", None), getattr(layer, "mlp", None)) if m is not None]
-    if len(targets) != 2 or not 0 < keep < seq_len:
+    # a checkpointed layer recomputes its forward during backward, outside this context: leave it whole
+    checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
+    if len(targets) != 2 or not 0 < keep < seq_len or checkpointed:
         yield
         return
     for module in targets:
