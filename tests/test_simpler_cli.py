@@ -128,10 +128,11 @@ def test_eval_forgetting_scores_several_runs_on_shared_workers_like_one_at_a_tim
     alone, shared = tmp_path / "alone.csv", tmp_path / "shared.csv"
     cli(fake_env, "eval_forgetting", f"policy_file={root / 'reinforce' / 'policy.pt'}", f"results={alone}",
         f"report_dir={tmp_path / 'r1'}", *common)
-    cli(fake_env, "eval_forgetting", f"policy_files=[{root / 'sft' / 'policy.pt'},{root / 'reinforce' / 'policy.pt'}]",
-        f"results={shared}", f"report_dir={tmp_path / 'r2'}", *common)
+    cli(fake_env, "eval_forgetting", f"policy_files=[{root / 'sft' / 'policy.pt'},{root / 'reinforce' / 'policy.pt'},"
+        f"{root / 'sft' / 'policy.pt'}]", f"results={shared}", f"report_dir={tmp_path / 'r2'}", *common)
     rows = results.read_rows(shared)
-    assert [r["method"] for r in rows] == ["sft", "reinforce"]
+    assert [r["method"] for r in rows] == ["sft", "reinforce", "sft"]
+    assert rows[0] == rows[2]  # a policy scored twice on one set of workers: the same episodes, the same draws
     [single] = results.read_rows(alone)
     keys = ("new_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer", "kl_base_to_policy", "forgetting")
     assert {k: rows[1][k] for k in keys} == {k: single[k] for k in keys}  # same positions, same seeds, same scores

@@ -91,8 +91,18 @@ def evaluate(policy, env: EnvBase, episodes: int, *, seed: int = 0, greedy: bool
 
     Runs ceil(n / W) rounds of W lock-stepped episodes (finished workers wait for the round to end and are not
     stepped; the envs truncate at their own step limit, ``max_steps`` only bounds a round). Reseeding first makes every policy evaluated on ``env`` see the same episodes.
+    The policy's action draws come from torch's global generator, seeded with ``seed`` for the call (and restored
+    after): evaluating a policy twice gives the same result, and policies compared on one env share their random
+    numbers. Unseeded, one base policy scored 50 % and 30 % on the same 20 pick-can positions.
     """
-    n, workers = int(episodes), env.batch_size[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _evaluate(policy, env, int(episodes), seed, greedy, keep_frames, progress, max_steps)
+
+
+def _evaluate(policy, env: EnvBase, n: int, seed: int, greedy: bool, keep_frames: bool,
+              progress: Callable[[int], None] | None, max_steps: int) -> EpisodeResults:
+    workers = env.batch_size[0]
     env.set_seed(seed)
     success = np.zeros(n, dtype=bool)
     length = np.zeros(n, dtype=np.int64)
