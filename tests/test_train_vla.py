@@ -291,8 +291,8 @@ def test_eval_forgetting_scores_the_base_on_prior_tasks_even_with_eval_prior_fal
     from vla_razor.rollouts import EpisodeResults
 
     def success_on(policies, task, n, tasks, cfg, **kwargs):  # the base solves the drawers, the policy does not
-        ok = np.full(n, task == tasks.new_task or "base" in policies)
-        return {name: EpisodeResults(ok, np.ones(n, dtype=int)) for name in policies}
+        return {name: EpisodeResults(np.full(n, task == tasks.new_task or name == "base"), np.ones(n, dtype=int))
+                for name in policies}
 
     monkeypatch.setattr(forgetting, "success_on", success_on)
     monkeypatch.setattr(vla_train, "kl_to_base", lambda *args, **kwargs: 0.5)
