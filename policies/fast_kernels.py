@@ -23,7 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-__all__ = ["compile_decoder_layers", "enable_fused_llama_ops", "fuse_lora_linears", "unfuse_lora_linears"]
+__all__ = ["compile_decoder_layers", "decoder_layers", "enable_fused_llama_ops", "fuse_lora_linears", "unfuse_lora_linears"]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -204,6 +204,11 @@ def unfuse_lora_linears(model) -> None:
             module.forward = module.__dict__.pop("_unfused_forward")
 
 
+def decoder_layers(model, suffixes: tuple[str, ...] = ("DecoderLayer",)) -> list[torch.nn.Module]:
+    """Every module whose class name ends with one of ``suffixes``, in module order (last = the output side)."""
+    return [m for m in model.modules() if type(m).__name__.endswith(tuple(suffixes))]
+
+
 def compile_decoder_layers(
     model, enable: bool = True, dynamic: bool | None = None, suffixes: tuple[str, ...] = ("DecoderLayer",),
     last_eager: bool = False,
@@ -218,7 +223,7 @@ def compile_decoder_layers(
     would specialise the graph per layer.
     """
     _raise_recompile_limit()
-    layers = [m for m in model.modules() if type(m).__name__.endswith(tuple(suffixes))]
+    layers = decoder_layers(model, suffixes)
     for i, module in enumerate(layers):
         if enable and not (last_eager and i == len(layers) - 1):
             module.compile(dynamic=dynamic)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from policies.fast_kernels import decoder_layers
 from vla_razor.policy import token_log_probs
 
 __all__ = [
@@ -112,9 +113,8 @@ def _preallocated_layer_class():
             else:
                 self._k = key_states.new_empty(b, h, self.max_len, d)
                 self._v = value_states.new_empty(b, hv, self.max_len, dv)
-            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
-            self.length = 0
             self.is_initialized = True
+            self.truncate(0)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -125,8 +125,7 @@ def _preallocated_layer_class():
             first = self.length == 0
             self._k[:, :, self.length : end].copy_(key_states)
             self._v[:, :, self.length : end].copy_(value_states)
-            self.length = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            self.truncate(end)
             if first:  # the prefill attends over the states it was given: contiguous, unlike a view of the buffer
                 return key_states, value_states
             return self.keys, self.values
@@ -134,10 +133,14 @@ def _preallocated_layer_class():
         def get_seq_length(self) -> int:
             return self.length if self.is_initialized else 0
 
-        def reset(self) -> None:
-            self.length = 0
+        def truncate(self, length: int) -> None:
+            """Keep the first ``length`` positions (the buffer itself is untouched)."""
+            self.length = length
             if self.is_initialized:
-                self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+                self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+        def reset(self) -> None:
+            self.truncate(0)
 
     return PreallocatedLayer
 
@@ -160,15 +163,6 @@ def _num_text_layers(body) -> int:
     if n is None:
         raise ValueError("cannot find num_hidden_layers on the model config; pass kv_cache='dynamic'")
     return int(n)
-
-
-def _last_decoder_layer(body):
-    """The language model's last decoder layer (the last module named ``*DecoderLayer``), or None."""
-    last = None
-    for module in body.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
-            last = module
-    return last
 
 
 def _tail_rows_pre(module, args):
@@ -194,7 +188,8 @@ def last_layer_rows(body, keep: int, seq_len: int):
     state in one attribute) so a ``torch.compile``-d layer sees the same hooks on every call.
     A no-op for models without ``o_proj``/``mlp`` and for a gradient-checkpointed last layer in training.
     """
-    layer = _last_decoder_layer(body)
+    layers = decoder_layers(body)
+    layer = layers[-1] if layers else None
     attn = getattr(layer, "self_attn", None) if layer is not None else None
     targets = [m for m in (getattr(attn, "o_proj", None), getattr(layer, "mlp", None)) if m is not None]
     # a checkpointed layer recomputes its forward during backward, outside this context: leave it whole
@@ -259,8 +254,7 @@ def _check_batch(input_ids, attention_mask, pixel_values):
 
 def _set_cache_length(cache, length: int) -> None:
     for layer in cache.layers:
-        layer.length = length
-        layer.keys, layer.values = layer._k[:, :, :length], layer._v[:, :, :length]
+        layer.truncate(length)
 
 
 class _DecodeGraphs:
@@ -305,7 +299,7 @@ class _DecodeGraphs:
         return self.hidden[step]
 
 
-_DECODE_GRAPHS: dict[tuple, _DecodeGraphs | None] = {}
+_DECODE_GRAPHS: dict[tuple, _DecodeGraphs | None] = {}  # None: capture failed for that key, decode eagerly
 
 
 def clear_decode_graphs() -> None:
