@@ -30,10 +30,8 @@ train-vla --algo reinforce "${common[@]}" out_dir="$RUN_ROOT/reinforce" algo.lr=
 # One evaluation pass for the base, SFT and REINFORCE: each task's env workers start once and score all three
 # on the same seeded positions (starting workers costs more than scoring a policy on them).
 stamp "evaluating base, SFT and REINFORCE (new task, drawers, KL)"
-# (the evaluation sizes are experiment=embedded's, which configures train-vla only)
 eval-forgetting policy_files="[$RUN_ROOT/sft/policy.pt,$RUN_ROOT/reinforce/policy.pt]" demos_root="$RUN_ROOT/demos" \
-  base="$RUN_ROOT/base/policy.pt" results="$RUN_ROOT/results.csv" report_dir="$RUN_ROOT/report" threads=2 \
-  eval.new_task_positions=20 eval.prior_positions=8 eval.kl_probe_states=256
+  base="$RUN_ROOT/base/policy.pt" results="$RUN_ROOT/results.csv" report_dir="$RUN_ROOT/report" threads=2 eval=embedded
 
 stamp "exporting a rollout video"
 export-video policy_file="$RUN_ROOT/reinforce/policy.pt" episodes=4 out="$RUN_ROOT/report/reinforce_pick_can.mp4"

@@ -285,6 +285,21 @@ def test_installed_train_vla_console_script_composes_its_config(tmp_path):
     assert f"collect-demos env=pick_can out_dir={tmp_path / 'pick_can'}" in lines[0]
 
 
+def test_eval_sizes_are_one_group_shared_by_train_vla_and_eval_forgetting():
+    """experiment=embedded and eval-forgetting's eval=embedded read the same file; the default is PROTOCOL's."""
+    from hydra import compose, initialize_config_dir
+
+    import vla_razor.cli.eval_forgetting  # noqa: F401  (registers the schemas)
+    import vla_razor.cli.train_vla  # noqa: F401
+
+    sizes = ("new_task_positions", "prior_positions", "kl_probe_states")
+    with initialize_config_dir(str(REPO / "configs" / "vla"), version_base="1.3"):
+        train = compose("train_vla", ["experiment=embedded"]).eval
+        scoring = compose("eval_forgetting", ["eval=embedded"]).eval
+        standard = compose("train_vla", []).eval
+    assert [train[k] for k in sizes] == [scoring[k] for k in sizes] == [20, 8, 256]
+    assert [standard[k] for k in sizes] == [100, 20, 256]
+
 def test_eval_forgetting_scores_the_base_on_prior_tasks_even_with_eval_prior_false(tmp_path, monkeypatch):
     """eval-forgetting always reports forgetting, so the base needs prior scores whatever ``eval.prior`` says."""
     from vla_razor import vla_train
