@@ -2,8 +2,9 @@
 to the base on new-task states -- one results row per checkpoint, the shared frontier / forgetting-law report.
 
 Scores are percentages of successful episodes over fixed, seeded evaluation positions (PROTOCOL: 100 uniform
-positions for the paper; fewer in the embedded presets), with the sampling policy (OpenVLA samples at deployment
-here too; ``greedy=True`` evaluates the argmax policy instead). The base's scores are cached beside the base file,
+positions for the paper; fewer in the embedded presets), with the argmax action tokens as OpenVLA is deployed
+(``predict_action(..., do_sample=False)``, also SimplerEnv's OpenVLA evaluation); ``eval.greedy=false`` scores the
+sampling policy that RL trains instead. The base's scores are cached beside the base file,
 keyed by everything that defines them, so a sweep evaluates the base once.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ class EvalConfig:
     prior_positions: int = 20       # per prior task
     kl_probe_states: int = 256      # new-task demo states for KL(pi_0 || pi)
     seed: int = 0
-    greedy: bool = False
+    greedy: bool = True             # argmax tokens, as OpenVLA deploys; false: the sampling (training) policy
     every: int = 0                  # also evaluate every N epochs / iterations during training (0: at the end)
     prior: bool = True              # evaluate the prior (drawer) tasks
     at_end: bool = True             # evaluate when training ends (false: score several runs in one eval-forgetting call)
