@@ -170,6 +170,22 @@ def test_every_algo_trains_saves_logs_and_appends_its_results_row(study, algo):
 
 
 @pytest.mark.sim
+def test_rerunning_a_finished_on_policy_run_changes_nothing(study):
+    """A rerun resumes at its last iteration and only rewrites the same policy: no extra rollouts or update."""
+    from policies.vla_factory import load_policy
+
+    check(study.jobs["on_policy"].result())
+    done, rerun = study.root / "reinforce", study.root / "reinforce_rerun"
+    shutil.copytree(done, rerun)
+    (rerun / "policy.pt").unlink()
+    check(cli("train_vla", *study.train_args("reinforce", "reinforce_rerun", "eval.at_end=false")))
+    assert torch.load(rerun / "checkpoint.pt", weights_only=False)["progress"]["updates"] == 1
+    assert results.read_rows(rerun / "metrics.csv") == results.read_rows(done / "metrics.csv")
+    before, after = (load_policy(run / "policy.pt")[0].state_dict() for run in (done, rerun))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.sim
 def test_kl_to_the_base_is_exactly_zero_before_the_first_update_and_positive_after_sft(study):
     check(study.jobs["sft"].result()["sft"])
     check(study.jobs["on_policy"].result())

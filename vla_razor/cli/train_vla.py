@@ -288,6 +288,8 @@ def train_on_policy(run: Run) -> None:
     from vla_razor.rollouts import make_task_envs, policy_threads
 
     cfg, algo, accelerator = run.cfg, run.cfg.algo, run.accelerator
+    if run.progress["iteration"] >= algo.iterations:
+        return  # a rerun of a finished run: the loop below would collect and update once more before checking
     rank, world = accelerator.process_index, accelerator.num_processes
     x_range, y_range = placement_box(cfg.env.new_task)
     cells = grid_positions(algo.grid, algo.grid, x_range, y_range)
