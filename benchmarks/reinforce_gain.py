@@ -14,7 +14,6 @@ Each iteration collects grid^2 x per-cell trajectories (~3 env-minutes for 100 o
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import shutil
 import subprocess
@@ -44,9 +43,9 @@ def train(args, out: Path) -> None:
 
 
 def final_kl(out: Path) -> float:
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    return float(rows[-1]["kl_base_to_policy"])
+    from vla_razor.results import read_rows
+
+    return float(read_rows(out / "metrics.csv")[-1]["kl_base_to_policy"])
 
 
 def main() -> None:

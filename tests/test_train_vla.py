@@ -316,6 +316,7 @@ def test_eval_sizes_are_one_group_shared_by_train_vla_and_eval_forgetting():
     assert [train[k] for k in sizes] == [scoring[k] for k in sizes] == [20, 8, 256]
     assert [standard[k] for k in sizes] == [100, 20, 256]
 
+
 def test_eval_forgetting_scores_the_base_on_prior_tasks_even_with_eval_prior_false(tmp_path, monkeypatch):
     """eval-forgetting always reports forgetting, so the base needs prior scores whatever ``eval.prior`` says."""
     from vla_razor import vla_train
