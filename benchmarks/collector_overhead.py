@@ -5,10 +5,13 @@
 
 The VLA runs in this process, batched over the env workers (ParallelEnv); overhead = 1 - (steps/s with the
 VLA) / (steps/s with random actions), same workers, same frames. Target: <= 10 %.
+"cpu busy" is the whole machine's (all cores, /proc/stat) during the measured steps: when the env workers alone
+already keep it near 100 %, the policy's CPU time cannot hide behind them, however it is scheduled.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -19,19 +22,27 @@ def random_policy(td):
     return td
 
 
-def steps_per_s(env, policy, frames: int) -> float:
+def cpu_times() -> tuple[int, int]:
+    """(all, idle) jiffies of the whole machine since boot (Linux)."""
+    values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    return sum(values), values[3] + values[4]  # idle + iowait
+
+
+def steps_per_s(env, policy, frames: int) -> tuple[float, float]:
+    """(env steps/s, machine CPU busy %) over ``frames`` steps after a warm-up batch."""
     from torchrl.collectors import Collector
 
     workers = env.batch_size[0]
     collector = Collector(env, policy, frames_per_batch=workers * 20, total_frames=frames + workers * 20)
     iterator = iter(collector)
     next(iterator)  # warm-up batch: worker start, shader compile, first forward
-    start, seen = time.perf_counter(), 0
+    start, seen, (all0, idle0) = time.perf_counter(), 0, cpu_times()
     for batch in iterator:
         seen += batch.numel()
     elapsed = time.perf_counter() - start
+    all1, idle1 = cpu_times()
     collector.shutdown(close_env=False)
-    return seen / elapsed
+    return seen / elapsed, 100 * (1 - (idle1 - idle0) / max(all1 - all0, 1))
 
 
 def fresh_env(task, positions, workers):
@@ -61,14 +72,15 @@ def main() -> None:
         policy = build_policy(PolicyConfig(), ["pick coke can", "open top drawer", "close top drawer"])
     policy.eval()
     positions = grid_positions(4, 4, *placement_box(args.task))
-    print(f"{'workers':>7} {'random steps/s':>15} {'VLA steps/s':>12} {'overhead':>9}  ({args.task}, "
-          f"{args.frames} steps each, torch threads {args.threads})")
+    print(f"{'workers':>7} {'random steps/s':>15} {'cpu busy':>9} {'VLA steps/s':>12} {'cpu busy':>9} {'overhead':>9}"
+          f"  ({args.task}, {args.frames} steps each, {os.cpu_count()} cores, torch threads {args.threads})")
     for workers in args.workers:
         # a fresh set of workers per measurement: the collector closes them on shutdown
-        alone = steps_per_s(fresh_env(args.task, positions, workers), random_policy, args.frames)
+        alone, busy_alone = steps_per_s(fresh_env(args.task, positions, workers), random_policy, args.frames)
         with torch.no_grad(), policy_threads():
-            with_vla = steps_per_s(fresh_env(args.task, positions, workers), policy, args.frames)
-        print(f"{workers:>7} {alone:>15.1f} {with_vla:>12.1f} {100 * (1 - with_vla / alone):>8.1f}%", flush=True)
+            with_vla, busy_vla = steps_per_s(fresh_env(args.task, positions, workers), policy, args.frames)
+        print(f"{workers:>7} {alone:>15.1f} {busy_alone:>8.0f}% {with_vla:>12.1f} {busy_vla:>8.0f}% "
+              f"{100 * (1 - with_vla / alone):>8.1f}%", flush=True)
 
 
 if __name__ == "__main__":

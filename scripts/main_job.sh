@@ -24,7 +24,7 @@ stamp "fine-tuning with SFT"
 train-vla --algo sft "${common[@]}" out_dir="$RUN_ROOT/sft" algo.lr=3e-4 algo.epochs=2 eval.at_end=false
 
 stamp "fine-tuning with REINFORCE"
-train-vla --algo reinforce "${common[@]}" out_dir="$RUN_ROOT/reinforce" algo.lr=1e-4 algo.iterations=6 \
+train-vla --algo reinforce "${common[@]}" out_dir="$RUN_ROOT/reinforce" algo.lr=1e-4 algo.iterations=4 \
   algo.grid=4 algo.trajectories_per_cell=2 eval.at_end=false
 
 # One evaluation pass for the base, SFT and REINFORCE: each task's env workers start once and score all three

@@ -162,6 +162,7 @@ def test_every_algo_trains_saves_logs_and_appends_its_results_row(study, algo):
         last = metrics[1]
         assert last["trajectories"] >= 1 and last["env_steps"] > 0 and 0 <= last["rollout_success"] <= 100
         assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
+        assert last["behaviour_log_prob_gap"] < 1e-4  # the collector ran the learner's weights: on-policy
     rows = results.read_rows(out / "results.csv")
     assert len(rows) == 1 and rows[0]["method"] == algo and rows[0]["run"] == str(out)
     assert rows[0]["step"] == metrics[-1]["updates"] and 0 <= rows[0]["new_score"] <= 100

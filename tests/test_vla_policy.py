@@ -112,6 +112,25 @@ def test_minibatched_policy_gradient_equals_the_full_batch(policy):
     assert grads[0].abs().sum() > 0
 
 
+def test_behaviour_log_prob_gap_is_zero_on_policy_and_grows_with_stale_weights(policy):
+    """The update reports how far the rollout's recorded log-probs are from the learner's: ~0 when the rollout
+    ran the learner's weights, clearly positive when it ran older ones (a collector copy that missed a sync)."""
+    rollout = policy(batch(6, seed=4))  # 6 one-step trajectories sampled by `policy`
+    rollout["collector", "traj_ids"] = torch.arange(6)
+    index, rewards = trajectory_index(rollout), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    gaps = []
+    for shift in (0.0, 0.3):
+        learner = policy.frozen_copy()
+        with torch.no_grad():
+            learner.model.lm_head.weight.add_(shift * torch.randn_like(learner.model.lm_head.weight))
+        for p in learner.parameters():
+            p.requires_grad_(True)
+        stats = policy_gradient_update(PolicyForward(learner), rollout, index, rewards,
+                                       make_optimizer(learner.parameters(), lr=0.0), objective="reinforce")
+        gaps.append(stats["behaviour_log_prob_gap"])
+    assert gaps[0] < 1e-5 < 1e-2 < gaps[1]
+
+
 def test_policy_gradient_raises_the_successful_trajectories_log_prob(policy):
     model = policy.frozen_copy()
     for p in model.parameters():

@@ -344,7 +344,8 @@ def train_on_policy(run: Run) -> None:
                              "rollout_success": 100 * successes / n_trajectories, "trajectories": n_trajectories,
                              "stale_dropped": stale,
                              "env_steps": steps, "env_steps_per_s": steps / max(collect_s, 1e-9),
-                             "update_s": time.time() - t1, **{k: stats[k] for k in ("loss", "grad_norm")}},
+                             "update_s": time.time() - t1,
+                             **{k: stats[k] for k in ("loss", "grad_norm", "behaviour_log_prob_gap")}},
                             evaluate=bool(every) and (iteration + 1) % every == 0
                             and iteration + 1 < algo.iterations)
             run.save()
