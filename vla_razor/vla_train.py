@@ -8,6 +8,7 @@ gradients average over processes and the objective's baseline and token mean spa
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 
@@ -113,7 +114,8 @@ def policy_gradient_update(model, steps: TensorDictBase, step_trajectory: torch.
     computed in step minibatches whose gradients add up to exactly the full-batch gradient. Under several
     processes each brings its own trajectories; the result is the same step as one process holding them all.
     ``behaviour_log_prob_gap``: mean |log-prob the rollout recorded - the learner's, before the step| per action
-    token: ~1e-6 when the rollout ran the learner's weights (the batch is on-policy), larger when it did not.
+    token: ~1e-6 when the rollout ran the learner's weights (the batch is on-policy), larger when it did not; NaN
+    for a batch without recorded log-probs (not 0, which would read as on-policy).
     """
     world = _world(accelerator)[1]
     model.train()
@@ -123,7 +125,7 @@ def policy_gradient_update(model, steps: TensorDictBase, step_trajectory: torch.
     total_tokens = int(reduce_floats(accelerator, [local_tokens])[0])
     starts = range(0, steps.batch_size[0], minibatch_steps)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, gap_sum = 0.0, 0.0
+    loss_sum, gap_sum, recorded = 0.0, 0.0, ACTION_LOG_PROBS in steps.keys(True)
     # minibatches of steps whose weighted losses add up to the whole batch's (no graph outlives its minibatch)
     for start in starts:
         rows = slice(start, start + minibatch_steps)
@@ -133,15 +135,15 @@ def policy_gradient_update(model, steps: TensorDictBase, step_trajectory: torch.
         with nullcontext() if sync else accelerator.no_sync(model):
             log_probs = model(part_steps, part_steps.get(ACTION_TOKENS).reshape(-1, 7))
             part, _ = policy_gradient_objective(log_probs, advantages[rows])
-            behaviour = part_steps.get(ACTION_LOG_PROBS, None)
-            if behaviour is not None:
-                gap_sum += float((behaviour.reshape(-1, 7).to(log_probs) - log_probs.detach()).abs().sum())
+            if recorded:
+                behaviour = part_steps.get(ACTION_LOG_PROBS).reshape(-1, 7).to(log_probs)
+                gap_sum += float((behaviour - log_probs.detach()).abs().sum())
             # token mean over every process's batch: DDP averages the processes' gradients, hence the factor world
             _backward(part * (world * log_probs.numel() / total_tokens), accelerator)
         loss_sum += float(part.detach()) * log_probs.numel() / total_tokens
     grad_norm = _clip_and_step(model, optimizer, max_grad_norm, accelerator)
     loss, gap = reduce_floats(accelerator, [loss_sum, gap_sum])  # this process's shares -> the whole batch's
-    return {"loss": loss, "grad_norm": grad_norm, "behaviour_log_prob_gap": gap / total_tokens,
+    return {"loss": loss, "grad_norm": grad_norm, "behaviour_log_prob_gap": gap / total_tokens if recorded else math.nan,
             "reward_mean": float(rewards.float().mean()),
             "advantage_std": float(trajectory_advantages.std(unbiased=False)) if len(rewards) > 1 else 0.0}
 
