@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -30,7 +31,7 @@ def cpu_times() -> tuple[int, int]:
     return sum(values), values[3] + values[4]  # idle + iowait
 
 
-def steps_per_s(env, policy, frames: int) -> dict[str, float]:
+def steps_per_s(env, policy: TimedPolicy, frames: int) -> dict[str, float]:
     """Env steps/s, machine CPU busy %, episodes ended per 100 steps and the policy's share of the wall time, over
     ``frames`` steps after a warm-up batch."""
     from torchrl.collectors import Collector
@@ -39,7 +40,7 @@ def steps_per_s(env, policy, frames: int) -> dict[str, float]:
     collector = Collector(env, policy, frames_per_batch=workers * 20, total_frames=frames + workers * 20)
     iterator = iter(collector)
     next(iterator)  # warm-up batch: worker start, shader compile, first forward
-    calls = getattr(policy, "seconds", [])
+    calls = policy.seconds
     calls.clear()
     start, seen, episodes, (all0, idle0) = time.perf_counter(), 0, 0, cpu_times()
     for batch in iterator:
@@ -94,7 +95,7 @@ def main() -> None:
     else:
         policy = build_policy(PolicyConfig(), ["pick coke can", "open top drawer", "close top drawer"])
     policy.eval()
-    timed = TimedPolicy(policy)
+    timed, timed_random = TimedPolicy(policy), TimedPolicy(random_policy)
     positions = grid_positions(4, 4, *placement_box(args.task))
     print(f"{'workers':>7} {'round':>5} {'random steps/s':>15} {'cpu':>4} {'eps/100':>7} {'VLA steps/s':>12} "
           f"{'cpu':>4} {'eps/100':>7} {'policy ms/call':>15} {'policy share':>13} {'overhead':>9}  ({args.task}, "
@@ -103,7 +104,7 @@ def main() -> None:
         env = fresh_env(args.task, positions, workers)
         overheads, shares = [], []
         for round_index in range(args.rounds):
-            alone = steps_per_s(env, random_policy, args.frames)
+            alone = steps_per_s(env, timed_random, args.frames)
             with policy_threads():
                 vla = steps_per_s(env, timed, args.frames)
             overheads.append(100 * (1 - vla["steps_per_s"] / alone["steps_per_s"]))
@@ -114,9 +115,8 @@ def main() -> None:
                   f"{overheads[-1]:>8.1f}%", flush=True)
         if not env.is_closed:
             env.close()
-        median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
         print(f"{workers:>7} {'median':>5} {'':>15} {'':>4} {'':>7} {'':>12} {'':>4} {'':>7} {'':>15} "
-              f"{median(shares):>12.1f}% {median(overheads):>8.1f}%", flush=True)
+              f"{statistics.median(shares):>12.1f}% {statistics.median(overheads):>8.1f}%", flush=True)
 
 
 if __name__ == "__main__":
