@@ -66,3 +66,11 @@ def test_policy_gradient_update_over_uneven_process_batches_equals_one_process_o
     for key in want:
         torch.testing.assert_close(after[0][key], want[key], atol=1e-6, rtol=1e-5, msg=key)
     assert results[0]["update"]["loss"] == pytest.approx(results[1]["update"]["loss"])
+
+
+def test_fsdp_on_cpu_is_refused_instead_of_silently_replicating():
+    """accelerate turns an FSDP request on CPU into DDP without a word; the run must stop with the fix instead."""
+    from vla_razor.distributed import DistributedConfig, make_accelerator
+
+    with pytest.raises(ValueError, match="distributed.strategy=ddp"):
+        make_accelerator(DistributedConfig(strategy="fsdp", cpu=True))

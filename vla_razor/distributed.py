@@ -43,6 +43,10 @@ def make_accelerator(cfg: DistributedConfig):
 
     # without CUDA, `accelerate launch --multi_gpu` processes must still form one (gloo) process group
     cpu = cfg.cpu or not torch.cuda.is_available()
+    if cfg.strategy == "fsdp" and cpu:
+        # accelerate runs FSDP only on accelerators (torch's FSDP1 computes on CUDA-like devices): on CPU it would
+        # quietly replicate the model as DDP, and a run meant to shard would not
+        raise ValueError("distributed.strategy=fsdp needs CUDA GPUs; on CPU use distributed.strategy=ddp")
     if cfg.strategy == "fsdp":
         # use_orig_params: LoRA mixes frozen and trainable parameters inside one FSDP unit
         plugin = FullyShardedDataParallelPlugin(
