@@ -24,7 +24,7 @@ from tensordict import TensorDict
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.causal_lm import CausalLMPolicy
-from policies.openvla_fast import make_adamw
+from vla_razor.optim import make_adamw
 from policies.tiny_lm import build_word_tokenizer, tiny_vocabulary
 from vla_razor import llm
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: the LLM-path GRPO check (issue 7), then the OpenVLA-7B-shaped benchmark (issue 6).
-# Figures go to $OUT (or ./bench_out). Usage: bash benchmarks/gpu_session.sh
+# One call on a lent GPU (<= ~9.5 min; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
+# targets, the numerics and CUDA-graph checks, copy-kernel sources, the LoRA GEMM-order row), then the product path
+# (native OpenVLA build through openvla_policy, speed-ups off vs on). Figures go to $OUT (or ./bench_out).
+# Usage (device tool): command "bash benchmarks/gpu_session.sh", carry [".device_vendor"], timeout_s 600.
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-# The lent machine has torch + transformers but no tensordict: carry it (.device_vendor, pip --target) when present.
+# The lent machine has torch, transformers and peft but no tensordict / torchrl: scripts/device_vendor.sh builds
+# .device_vendor (carry it) and it goes first on the path.
 [ -d .device_vendor ] && export PYTHONPATH="$PWD/.device_vendor${PYTHONPATH:+:$PYTHONPATH}"
 python -V
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 150 python benchmarks/gpu_llm_grpo.py --steps 2 2>&1 | tail -25 | tee "$OUT/gpu_llm_grpo.txt"
-timeout 330 python benchmarks/gpu_openvla.py --budget-s 280 --out "$OUT" 2>&1 | tail -60 | tee "$OUT/gpu_openvla.txt"
+timeout 370 python benchmarks/gpu_openvla.py --budget-s 320 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
+timeout 190 python benchmarks/gpu_openvla_product.py --budget-s 160 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"

@@ -19,11 +19,14 @@ checkpoints and peft adapters are unaffected; each is reversible.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["compile_decoder_layers", "decoder_layers", "enable_fused_llama_ops", "fuse_lora_linears", "unfuse_lora_linears"]
+__all__ = ["compile_decoder_layers", "decoder_layers", "enable_fused_llama_ops", "fuse_lora_linears", "uncompiled",
+           "unfuse_lora_linears"]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,7 +105,8 @@ def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: 
     orig_mlp = _ORIGINALS["mlp"]
 
     def big(x: torch.Tensor) -> bool:
-        return x.numel() >= min_rows * x.shape[-1]
+        # inside a compiled region (compile_decoder_layers) inductor fuses the plain formulas itself
+        return x.numel() >= min_rows * x.shape[-1] and not torch.compiler.is_compiling()
 
     def norm_forward(self, hidden_states):
         fn = norm_c if big(hidden_states) else _rms_norm
@@ -115,12 +119,30 @@ def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: 
         return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
 
     def rope(q, k, cos, sin, *args, **kwargs):  # q: [B, H, T, D]
-        fn = rope_c if q.numel() >= min_rows * q.shape[1] * q.shape[-1] else _apply_rotary
+        rows = q.numel() // (q.shape[1] * q.shape[-1])  # tokens
+        fn = rope_c if rows >= min_rows and not torch.compiler.is_compiling() else _apply_rotary
         return fn(q, k, cos, sin, *args, **kwargs)
 
     ml.LlamaRMSNorm.forward = norm_forward
     ml.LlamaMLP.forward = mlp_forward
     ml.apply_rotary_pos_emb = rope
+
+
+LORA_LOW_RANK_FIRST = False  # benchmark switch, see _LoRALinearFn; off until measured on a GPU
+
+
+def _plus_low_rank(x2, weight, low_rank_in, low_rank_w, scaling: float, bias=None):
+    """``x2 W (+ bias) + s (low_rank_in low_rank_w)`` (``[N, k] [k, m] + [N, r] [r, m]``), in one of two GEMM orders.
+
+    Default: the big product, then the rank-r product accumulated into it (a memory-bound pass that reads and
+    writes the whole ``[N, m]`` output). :data:`LORA_LOW_RANK_FIRST`: the rank-r product first, then the big
+    product adds it in its epilogue - the read hides under the compute-bound GEMM, one output pass less.
+    """
+    if LORA_LOW_RANK_FIRST:
+        low_rank = low_rank_in @ (low_rank_w * scaling)
+        return torch.addmm(low_rank if bias is None else low_rank + bias, x2, weight)
+    out = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+    return out.addmm_(low_rank_in, low_rank_w, alpha=scaling)
 
 
 class _LoRALinearFn(torch.autograd.Function):
@@ -133,8 +155,7 @@ class _LoRALinearFn(torch.autograd.Function):
         a = lora_a.to(x.dtype)
         b = lora_b.to(x.dtype)
         xa = x2 @ a.t()  # [N, r]
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # [N, out]
-        y.addmm_(xa, b.t(), alpha=scaling)  # accumulate in the GEMM epilogue (beta = 1)
+        y = _plus_low_rank(x2, weight.t(), xa, b.t(), scaling, bias)  # [N, out]
         ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scaling = scaling
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
@@ -149,9 +170,7 @@ class _LoRALinearFn(torch.autograd.Function):
         dyb = dy2 @ b  # [N, r]
         dx = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ weight  # [N, in]
-            dx.addmm_(dyb, a, alpha=s)
-            dx = dx.view(ctx.x_shape)
+            dx = _plus_low_rank(dy2, weight, dyb, a, s).view(ctx.x_shape)  # [N, in]
         if ctx.needs_input_grad[3]:
             grad_a = (dyb.t() @ x2).mul_(s).to(ctx.dtypes[0])  # [r, in]
         if ctx.needs_input_grad[4]:
@@ -230,3 +249,20 @@ def compile_decoder_layers(
         else:
             module._compiled_call_impl = None
     return len(layers) - (1 if enable and last_eager and layers else 0)
+
+
+@contextmanager
+def uncompiled(model) -> Iterator[None]:
+    """Inside, modules compiled by :func:`compile_decoder_layers` run their eager forward.
+
+    For KV-cache decoding: a compiled layer would specialise its graph on its layer index and on the growing cache
+    length (one graph per layer per step); the sampler's prefill and decode use the fused ops instead.
+    """
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if m._compiled_call_impl is not None]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call

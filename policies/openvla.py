@@ -26,6 +26,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from torch import nn
 from policies.openvla_vision import DINOV2_L14_REG4, SIGLIP_SO400M14, FusedVisionTower, ViT, ViTConfig
 from policies.vla_model import MLPProjector, VLABody, VLAForActionPrediction
 from vla_razor.action_tokens import OPENVLA_BASE_VOCAB_SIZE, ActionTokenizer, make_action_tokenizer
+
+if TYPE_CHECKING:
+    from policies.vla_policy import TokenVLAPolicy
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +373,41 @@ class OpenVLAOptions:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # speed-ups of policies/fast_kernels.py, as benchmarks/gpu_openvla.py measures them; "auto": on when the model
+    # is on CUDA (on CPU the compile time outweighs the gain). README "OpenVLA-7B and multi-GPU", **Speed**.
+    fused_ops: bool | str = "auto"        # RMSNorm / rotary / SwiGLU compiled per shape (a process-wide Llama patch)
+    fused_lora: bool | str = "auto"       # each LoRA linear as one autograd Function (with lora_rank > 0)
+    compile_layers: bool | str = "auto"   # regional torch.compile of the decoder layers for teacher-forced forwards
+    cuda_graph_decode: bool = False       # replay decode steps as CUDA graphs; opt-in until --graph-check passes
 
     def __post_init__(self):
         if self.loader not in ("native", "hf"):
             raise ValueError(f"policy.openvla.loader={self.loader!r}; use 'native' or 'hf'")
+        for name in ("fused_ops", "fused_lora", "compile_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                setattr(self, name, value.lower() == "true")
+            if getattr(self, name) not in ("auto", True, False):
+                raise ValueError(f"policy.openvla.{name}={getattr(self, name)!r}; use auto, true or false")
+
+
+def apply_speedups(model: VLAForActionPrediction, options: OpenVLAOptions) -> dict[str, bool]:
+    """Switch on the speed-ups ``options`` asks for; returns which are on. On CPU the fused ops install their
+    uncompiled formulas (the same numerics, for tests); compiling on CPU is left to an explicit ``true``."""
+    from policies import fast_kernels
+
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    wanted = {name: on_cuda if getattr(options, name) == "auto" else bool(getattr(options, name))
+              for name in ("fused_ops", "fused_lora", "compile_layers")}
+    wanted["fused_lora"] = wanted["fused_lora"] and bool(options.lora_rank)
+    if wanted["fused_ops"]:
+        fast_kernels.enable_fused_llama_ops(True, compile=on_cuda)
+    if wanted["fused_lora"]:
+        wanted["fused_lora"] = fast_kernels.fuse_lora_linears(model) > 0
+    if wanted["compile_layers"]:
+        # the last layer stays eager: openvla_fast.last_layer_rows trims it through hooks a compiled layer skips
+        fast_kernels.compile_decoder_layers(model.model.language_model, True, last_eager=True)
+    return wanted
 
 
 def configure_training(model: VLAForActionPrediction, options: OpenVLAOptions) -> VLAForActionPrediction:
@@ -412,13 +447,26 @@ def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, tempe
     tokenizer = LlamaPromptTokenizer.from_dir(options.weights_dir)
     device = torch.device(options.device if options.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    model = configure_training(
-        load_openvla_model(options, config, device, resolve_dtype(options.dtype, device), dims), options)
-    log.info("OpenVLA (%s loader) from %s: %.2fB parameters, %.1fM trainable", options.loader, options.weights_dir,
-             sum(p.numel() for p in model.parameters()) / 1e9,
-             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    dims = dims or OPENVLA_7B
+    model = load_openvla_model(options, config, device, resolve_dtype(options.dtype, device), dims)
+    return openvla_policy(model, tokenizer, options, prompt_template=prompt_template, temperature=temperature,
+                          action_tokenizer=action_tokenizer, dims=dims or OPENVLA_7B, source=options.weights_dir)
+
+
+def openvla_policy(model: VLAForActionPrediction, tokenizer, options: OpenVLAOptions, *, prompt_template: str,
+                   temperature: float, action_tokenizer: ActionTokenizer | None = None,
+                   dims: OpenVLADims = OPENVLA_7B, source: str = "") -> TokenVLAPolicy:
+    """A loaded (or randomly built, as in benchmarks/gpu_openvla_product.py) OpenVLA model as the token policy,
+    trained and sped up as ``options`` say: LoRA, gradient checkpointing, then the fast kernels."""
+    from policies.vla_policy import TokenVLAPolicy
+
+    model = configure_training(model, options)
+    speedups = apply_speedups(model, options)
+    log.info("OpenVLA (%s loader) from %s: %.2fB parameters, %.1fM trainable; speed-ups on: %s", options.loader,
+             source or "memory", sum(p.numel() for p in model.parameters()) / 1e9,
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+             ", ".join(name for name, on in speedups.items() if on) or "none")
     policy = TokenVLAPolicy(model, tokenizer, num_image_tokens=dims.num_image_tokens,
                             image_size=dims.dino.image_size, use_proprio=False, prompt_template=prompt_template,
-                            temperature=temperature, action_tokenizer=action_tokenizer)
-    return policy.to(device)
+                            temperature=temperature, action_tokenizer=action_tokenizer,
+                            cuda_graph_decode=options.cuda_graph_decode)
+    return policy.to(next(model.parameters()).device)

@@ -24,6 +24,7 @@ as Hugging Face ``generate`` does.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from policies.fast_kernels import decoder_layers
+from policies.fast_kernels import decoder_layers, uncompiled
 from vla_razor.policy import token_log_probs
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "last_layer_rows",
     "action_head_weight",
     "action_token_log_probs",
-    "make_adamw",
     "ReinforceBatch",
     "position_ids_from_mask",
     "reinforce_loss",
@@ -307,6 +307,19 @@ def clear_decode_graphs() -> None:
     _DECODE_GRAPHS.clear()
 
 
+def _eager_layers(fn):
+    """Run ``fn(model, ...)`` with the model's regionally compiled layers eager (:func:`uncompiled`): compiled for
+    cache-free teacher forcing, a layer would recompile per layer index and cache length in a KV-cache decode."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with uncompiled(_body(model)):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+@_eager_layers
 @torch.no_grad()
 def sample_action_tokens(
     model,
@@ -540,14 +553,3 @@ def reinforce_step(
     loss.backward()
     optimizer.step()
     return stats
-
-
-def make_adamw(params, lr: float = 1e-5, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW with the fused (single multi-tensor kernel) implementation where the device has it."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable parameters (all have requires_grad=False)")
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):  # device without a fused kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)

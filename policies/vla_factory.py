@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from policies.openvla import OpenVLAOptions, build_openvla, build_openvla_policy, configure_training, tiny_dims
+from policies.openvla import (OpenVLAOptions, apply_speedups, build_openvla, build_openvla_policy, configure_training,
+                              tiny_dims)
 from policies.vla_model import VLAModelConfig, build_tiny_vla, num_image_tokens
 from policies.vla_policy import OPENVLA_PROMPT, PromptTokenizer, TokenVLAPolicy
 from vla_razor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -57,13 +58,14 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
         dims = tiny_dims(**asdict(model_cfg))
         model = configure_training(build_openvla(dims, image_token_id=tokenizer.image_id,
                                                  proprio_token_id=tokenizer.proprio_id), cfg.openvla)
+        apply_speedups(model, cfg.openvla)
     else:
         model = build_tiny_vla(model_cfg, image_token_id=tokenizer.image_id, proprio_token_id=tokenizer.proprio_id)
     return TokenVLAPolicy(model, tokenizer, num_image_tokens=num_image_tokens(model_cfg),
                           image_size=model_cfg.image_size, use_proprio=bool(model_cfg.proprio_dim),
                           proprio_dim=model_cfg.proprio_dim or 1, state_differences=cfg.state_differences,
-                          prompt_template=cfg.prompt_template,
-                          temperature=cfg.temperature)
+                          prompt_template=cfg.prompt_template, temperature=cfg.temperature,
+                          cuda_graph_decode=cfg.kind == "openvla_tiny" and cfg.openvla.cuda_graph_decode)
 
 
 def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConfig, extra: dict | None = None) -> Path:

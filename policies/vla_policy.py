@@ -148,13 +148,14 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
             dozen demos does not learn that subtraction precisely enough to grasp).
         prompt_template: ``{instruction}`` is replaced by the task's instruction.
         temperature: sampling temperature of the rollout policy (log-probs are of the tempered distribution).
+        cuda_graph_decode: replay the sampler's decode steps as CUDA graphs (``sample_action_tokens(cuda_graphs=)``).
     """
 
     def __init__(self, model: torch.nn.Module, prompt_tokenizer: TextTokenizer, *, num_image_tokens: int,
                  image_size: int, use_proprio: bool = True, proprio_dim: int = 19,
                  state_differences: Sequence[Sequence[int]] = (),
                  prompt_template: str = OPENVLA_PROMPT, temperature: float = 1.0,
-                 action_tokenizer: ActionTokenizer | None = None):
+                 action_tokenizer: ActionTokenizer | None = None, cuda_graph_decode: bool = False):
         action_tokenizer = action_tokenizer or make_action_tokenizer()
         super().__init__(model=model, action_dim=ACTION_DIM, chunk_size=1, action_head="tokens",
                          vocab_size=action_tokenizer.num_bins, action_tokenizer=action_tokenizer,
@@ -166,6 +167,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         self.use_proprio = bool(use_proprio)
         self.prompt_template = prompt_template
         self.temperature = float(temperature)
+        self.cuda_graph_decode = bool(cuda_graph_decode)
         lm_vocab = model.get_output_embeddings().weight.shape[0]
         end, num_bins = prompt_tokenizer.action_id_end, action_tokenizer.num_bins
         placeholders = [prompt_tokenizer.image_id] + ([prompt_tokenizer.proprio_id] if use_proprio else [])
@@ -278,7 +280,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
             self._bound_model(extra), inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
             self.action_token_ids, num_tokens=ACTION_DIM,
             temperature=self.temperature if temperature is None else temperature, generator=generator,
-            greedy=greedy)
+            greedy=greedy, cuda_graphs=self.cuda_graph_decode)
         window = full - self.action_token_ids[0]
         shape = batch.batch_size
         return window.reshape(*shape, ACTION_DIM), log_probs.reshape(*shape, ACTION_DIM)

@@ -354,6 +354,69 @@ def test_gradient_checkpointing_keeps_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_speedups_are_off_on_cpu_unless_asked_and_validated():
+    from policies.openvla import apply_speedups
+
+    policy = build_policy(tiny_config(lora_rank=4, lora_alpha=8), INSTRUCTIONS)
+    assert apply_speedups(policy.model, OpenVLAOptions(lora_rank=4)) == {
+        "fused_ops": False, "fused_lora": False, "compile_layers": False}
+    assert not any(m._compiled_call_impl is not None for m in policy.modules())
+    assert OpenVLAOptions(fused_ops="false").fused_ops is False
+    with pytest.raises(ValueError, match="compile_layers='yes'; use auto, true or false"):
+        OpenVLAOptions(compile_layers="yes")
+
+
+@pytest.fixture
+def restore_llama_ops():
+    yield
+    from policies import fast_kernels
+
+    fast_kernels.enable_fused_llama_ops(False)  # the fused-op patch is process-wide
+
+
+def test_speedups_keep_the_policy_and_sampling_runs_the_layers_eager(restore_llama_ops):
+    """Fused ops + fused LoRA + compiled decoder layers (torch.compile on CPU, ~20 s): the same draws, log-probs and
+    gradients as the plain policy; the sampler's KV-cache decode runs the layers uncompiled; a frozen copy works."""
+    torch.manual_seed(0)
+    plain = build_policy(tiny_config(lora_rank=4, lora_alpha=8), INSTRUCTIONS)
+    for p in plain.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 at init would leave the adapters out of the comparison
+    fast = build_policy(tiny_config(lora_rank=4, lora_alpha=8, fused_ops=True, fused_lora=True, compile_layers=True),
+                        INSTRUCTIONS)
+    fast.load_state_dict(plain.state_dict())
+    layers = fast.model.model.language_model.layers
+    assert [m._compiled_call_impl is not None for m in layers] == [True] * (len(layers) - 1) + [False]
+    assert sum("_unfused_forward" in m.__dict__ for m in fast.modules()) == 7 * len(layers)
+
+    eager_during_sampling = []
+    hook = layers[0].register_forward_pre_hook(
+        lambda module, args: eager_during_sampling.append(module._compiled_call_impl is None))
+    batch = robot_batch()
+    with torch.no_grad():
+        want = plain.sample_tokens(batch, generator=torch.Generator().manual_seed(0))
+        got = fast.sample_tokens(batch, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert torch.equal(got, want)
+    assert len(eager_during_sampling) == 7 and all(eager_during_sampling)  # prefill + 6 decode steps
+    assert layers[0]._compiled_call_impl is not None  # compiled again for teacher forcing
+
+    want_lp, got_lp = plain.token_log_probs(batch, want), fast.token_log_probs(batch, want)
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=1e-5)
+    want_lp.sum().backward()
+    got_lp.sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    reference = fast.frozen_copy()  # train-vla's base for KL: it must keep its own weights
+    with torch.no_grad():
+        for p in fast.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+        torch.testing.assert_close(reference.token_log_probs(batch, want), got_lp.detach(), atol=1e-6, rtol=1e-6)
+        assert (fast.token_log_probs(batch, want) - got_lp).abs().max() > 1e-3
+
+
 def test_openvla_tiny_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config()

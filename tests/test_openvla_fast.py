@@ -161,7 +161,9 @@ def test_fused_llama_ops_match_eager(model, min_rows):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_lora_matches_peft(model):
+@pytest.mark.parametrize("low_rank_first", [False, True])
+def test_fused_lora_matches_peft(model, monkeypatch, low_rank_first):
+    monkeypatch.setattr(fk, "LORA_LOW_RANK_FIRST", low_rank_first)
     peft = pytest.importorskip("peft")
     import copy
 

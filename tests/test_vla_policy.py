@@ -8,7 +8,8 @@ from tensordict import NonTensorStack, TensorDict
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from policies.vla_model import VLAModelConfig
 from vla_razor.distributed import PolicyForward
-from vla_razor.vla_train import (kl_to_base, make_optimizer, per_trajectory, policy_gradient_update,
+from vla_razor.optim import make_adamw
+from vla_razor.vla_train import (kl_to_base, per_trajectory, policy_gradient_update,
                                  trajectory_index)
 from vla_razor.video import annotate, tile, upscale, write_video
 
@@ -103,7 +104,7 @@ def test_minibatched_policy_gradient_equals_the_full_batch(policy):
         model = policy.frozen_copy()
         for p in model.parameters():
             p.requires_grad_(True)
-        optimizer = make_optimizer(model.parameters(), lr=0.0)
+        optimizer = make_adamw(model.parameters(), lr=0.0)
         stats = policy_gradient_update(PolicyForward(model), *trajectories(), rewards, optimizer, objective="reinforce",
                                        minibatch_steps=minibatch, max_grad_norm=1e9)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
@@ -126,7 +127,7 @@ def test_behaviour_log_prob_gap_is_zero_on_policy_and_grows_with_stale_weights(p
         for p in learner.parameters():
             p.requires_grad_(True)
         stats = policy_gradient_update(PolicyForward(learner), rollout, index, rewards,
-                                       make_optimizer(learner.parameters(), lr=0.0), objective="reinforce")
+                                       make_adamw(learner.parameters(), lr=0.0), objective="reinforce")
         gaps.append(stats["behaviour_log_prob_gap"])
     assert gaps[0] < 1e-5 < 1e-2 < gaps[1]
 
@@ -144,7 +145,7 @@ def test_policy_gradient_raises_the_successful_trajectories_log_prob(policy):
             return model.token_log_probs(valid, valid["vla_action", "tokens"]).sum()
 
     before = logp()
-    optimizer = make_optimizer(model.parameters(), lr=1e-3)
+    optimizer = make_adamw(model.parameters(), lr=1e-3)
     for _ in range(3):
         policy_gradient_update(PolicyForward(model), data, index, rewards, optimizer, objective="reinforce")
     assert logp() > before

@@ -1,4 +1,5 @@
-"""Learning-rate schedules (shared by every path) and AdamW for a stack of runs with one learning rate each."""
+"""Learning-rate schedules (shared by every path), the AdamW every trainer builds, and AdamW for a stack of runs with
+one learning rate each."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,16 @@ import math
 import torch
 
 SCHEDULES = ("constant_with_warmup", "cosine_with_warmup")
+
+
+def make_adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the trainable ``params``: the fused implementation (one kernel for the whole update) when every
+    parameter is on CUDA, torch's default elsewhere."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (all have requires_grad=False)")
+    fused = all(p.device.type == "cuda" for p in params) or None
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

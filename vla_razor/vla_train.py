@@ -23,13 +23,6 @@ ACTION_TOKENS = ("vla_action", "tokens")
 ACTION_LOG_PROBS = ("vla_action", "log_probs")  # the behaviour policy's, written at sampling time
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("the policy has no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
 def _backward(loss: torch.Tensor, accelerator) -> None:
     accelerator.backward(loss) if accelerator is not None else loss.backward()
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from envs import llm_synthetic
 from envs.llm_tasks import PromptSet, load_jsonl, load_local_dataset
 from policies.causal_lm import CausalLMPolicy, apply_lora, resolve_dtype
-from policies.openvla_fast import make_adamw
+from vla_razor.optim import make_adamw
 from policies.tiny_lm import TinyQwen2Config, build_tiny_qwen2, build_word_tokenizer, tiny_vocabulary
 from vla_razor import llm
 from vla_razor.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state

@@ -39,9 +39,9 @@ from vla_razor.distributed import DistributedConfig, full_weights, make_accelera
 from vla_razor.cli.common import run_config, reject_unknown_algo, translate_algo_flag
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
 from vla_razor.objectives import ON_POLICY_OBJECTIVES
-from vla_razor.optim import SCHEDULES, lr_multiplier
+from vla_razor.optim import SCHEDULES, lr_multiplier, make_adamw
 from vla_razor.vla_data import DemoMixture
-from vla_razor.vla_train import (kl_to_base, make_optimizer, per_trajectory, policy_gradient_update, sft_step,
+from vla_razor.vla_train import (kl_to_base, per_trajectory, policy_gradient_update, sft_step,
                                  trajectory_index)
 
 log = logging.getLogger("train-vla")
@@ -140,7 +140,7 @@ class Run:
         policy.to(accelerator.device)
         if base is not None:
             base.to(accelerator.device)
-        self.model, self.optimizer = prepare(accelerator, policy, lambda params: make_optimizer(
+        self.model, self.optimizer = prepare(accelerator, policy, lambda params: make_adamw(
             params, cfg.algo.lr, cfg.algo.weight_decay))
         self.policy = policy
         self.progress = {"epoch": 0, "batch": 0, "iteration": 0, "updates": 0}
