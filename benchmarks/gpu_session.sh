@@ -12,5 +12,5 @@ mkdir -p "$OUT"
 python -V
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 370 python benchmarks/gpu_openvla.py --budget-s 320 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
-timeout 190 python benchmarks/gpu_openvla_product.py --budget-s 160 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"
+timeout 390 python benchmarks/gpu_openvla.py --budget-s 350 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
+timeout 180 python benchmarks/gpu_openvla_product.py --budget-s 150 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"

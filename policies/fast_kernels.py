@@ -25,8 +25,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["compile_decoder_layers", "decoder_layers", "enable_fused_llama_ops", "fuse_lora_linears", "uncompiled",
-           "unfuse_lora_linears"]
+__all__ = ["compile_decoder_layers", "contiguous_output", "contiguous_patch_embeddings", "decoder_layers",
+           "enable_fused_llama_ops",
+           "fuse_lora_linears", "uncompiled", "unfuse_lora_linears"]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -251,14 +252,34 @@ def compile_decoder_layers(
     return len(layers) - (1 if enable and last_eager and layers else 0)
 
 
-@contextmanager
-def uncompiled(model) -> Iterator[None]:
-    """Inside, modules compiled by :func:`compile_decoder_layers` run their eager forward.
+def contiguous_output(module: torch.nn.Module):
+    """Make ``module``'s output contiguous (a forward hook; returns its handle, ``.remove()`` undoes it)."""
+    return module.register_forward_hook(lambda _module, _args, out: out.contiguous())
 
-    For KV-cache decoding: a compiled layer would specialise its graph on its layer index and on the growing cache
-    length (one graph per layer per step); the sampler's prefill and decode use the fused ops instead.
+
+PATCH_EMBEDDINGS = ("PatchEmbed", "VisionEmbeddings")  # timm's (OpenVLA's remote code), transformers' SigLIP / CLIP
+
+
+def contiguous_patch_embeddings(model) -> list:
+    """Hooks making every patch embedding's output contiguous; returns their handles.
+
+    timm and transformers return ``conv(x).flatten(2).transpose(1, 2)``, a transposed view whose layout every
+    residual add keeps, so each LayerNorm of the tower copies its input back: two strided copies and two mixed-layout
+    adds per block (SigLIP, which has no prefix token to concatenate). One copy at the embedding replaces them; the
+    values are unchanged.
     """
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if m._compiled_call_impl is not None]
+    return [contiguous_output(m) for m in model.modules() if type(m).__name__.endswith(PATCH_EMBEDDINGS)]
+
+
+@contextmanager
+def uncompiled(model, suffixes: tuple[str, ...] = ("DecoderLayer",)) -> Iterator[None]:
+    """Inside, the layers :func:`compile_decoder_layers` compiled (class names ending with ``suffixes``) run eagerly.
+
+    For KV-cache decoding: a compiled decoder layer would specialise its graph on its layer index and on the growing
+    cache length (one graph per layer per step); the sampler's prefill and decode use the fused ops instead. Vision
+    layers see fixed shapes and stay compiled.
+    """
+    compiled = [(m, m._compiled_call_impl) for m in decoder_layers(model, suffixes) if m._compiled_call_impl is not None]
     for module, _ in compiled:
         module._compiled_call_impl = None
     try:

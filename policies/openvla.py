@@ -402,6 +402,7 @@ def apply_speedups(model: VLAForActionPrediction, options: OpenVLAOptions) -> di
     wanted["fused_lora"] = wanted["fused_lora"] and bool(options.lora_rank)
     if wanted["fused_ops"]:
         fast_kernels.enable_fused_llama_ops(True, compile=on_cuda)
+        fast_kernels.contiguous_patch_embeddings(model)  # timm towers of the hf loader (native PatchEmbed already is)
     if wanted["fused_lora"]:
         wanted["fused_lora"] = fast_kernels.fuse_lora_linears(model) > 0
     if wanted["compile_layers"]:

@@ -61,7 +61,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)  # [B, N, D]
+        # contiguous: a transposed view would carry its layout down the whole residual stream (elementwise ops keep
+        # it), and every LayerNorm would copy it back -- two strided copies per block
+        return self.proj(pixels).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
 
 
 class Mlp(nn.Module):

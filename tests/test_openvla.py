@@ -233,6 +233,8 @@ def test_vits_match_transformers_dinov2_registers_and_siglip():
         want_s = hf_siglip(pixels, output_hidden_states=True).hidden_states[s.depth - 1]
         torch.testing.assert_close(dino(pixels), want_d, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(siglip(pixels), want_s, atol=1e-5, rtol=1e-4)
+        # a transposed patch layout would ride down the residual stream and cost two copies per block
+        assert siglip.patch_embed(pixels).is_contiguous()
 
 
 def test_native_load_matches_openvla_forward_and_action_path(checkpoint, remote):

@@ -231,3 +231,22 @@ def test_trimmed_last_layer_gives_the_same_log_probs_and_gradients(model):
     finally:
         m.zero_grad(set_to_none=True)
         model.float()
+
+
+def test_contiguous_vision_embeddings_change_no_value(model):
+    """transformers' SigLIP embeddings are a transposed view whose layout the residual stream would keep; made
+    contiguous, the tower gives bit-identical features."""
+    tower = model.model.vision_tower
+    pix = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    embeddings = next(m for m in tower.modules() if type(m).__name__ == "SiglipVisionEmbeddings")
+    with torch.no_grad():
+        assert not embeddings(pix).is_contiguous()
+        want = tower(pix).last_hidden_state
+        handles = fk.contiguous_patch_embeddings(model)
+        try:
+            assert len(handles) == 1 and embeddings(pix).is_contiguous()
+            got = tower(pix).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert torch.equal(got, want)
