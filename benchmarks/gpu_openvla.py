@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from policies import fast_kernels as fk  # noqa: E402
+from policies import openvla_fast  # noqa: E402
 from vla_razor.optim import make_adamw  # noqa: E402
 from policies.openvla_fast import (  # noqa: E402
     ReinforceBatch,
@@ -572,7 +573,6 @@ def sampling_variants(bench, model, batch_of, fused_ops, fwd, action_ids, device
     """Runs 5-6: where the b256 sampling time goes. Run 5: the shape-generic compiled rotary kernel took
     270 ms of 2.0 s (per-shape compile: 19 ms); run 6: the KV cache's memory layout (head-major made the
     prefill's cache write a strided transpose). Each row: the CUDA-graph sampler, beside naive."""
-    from policies import openvla_fast
 
     b_main = 4 if tiny else 256
     rows = [(b_main, "naive", None, None), (b_main, "head", True, "fused ops, shape-generic compile, head-major KV (run 5)"),
@@ -741,6 +741,13 @@ def main(argv=None):
                           lambda: _with(cudnn_attention(), lambda: sample_action_tokens(
                               model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True)), fwd,
                           need_s=10 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3, note="SDPA backend order: cuDNN first")
+            if use_compile and not args.no_extras:  # the prefill's K/V cache write as an inductor kernel
+                openvla_fast.KV_WRITE = "compiled"
+                bench.measure("sample", "ours + CUDA graphs + compiled KV write", b,
+                              lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
+                              fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
+                              note="openvla_fast.KV_WRITE: the cache slice write vectorized by inductor")
+                openvla_fast.KV_WRITE = "eager"
             if use_compile and not args.no_extras:  # the vision tower's element-wise ops, fused by inductor
                 fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
                 bench.measure("sample", "ours + CUDA graphs + SigLIP layers compiled", b,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (<= ~9.5 min; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
+# One call on a lent GPU (<= 9.5 min; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
 # targets, the numerics and CUDA-graph checks, copy-kernel sources, the LoRA GEMM-order row), then the product path
 # (native OpenVLA build through openvla_policy, speed-ups off vs on). Figures go to $OUT (or ./bench_out).
 # Usage (device tool): command "bash benchmarks/gpu_session.sh", carry [".device_vendor"], timeout_s 600.
@@ -12,5 +12,5 @@ mkdir -p "$OUT"
 python -V
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 390 python benchmarks/gpu_openvla.py --budget-s 350 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
-timeout 180 python benchmarks/gpu_openvla_product.py --budget-s 150 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"
+timeout 400 python benchmarks/gpu_openvla.py --budget-s 370 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
+timeout 180 python benchmarks/gpu_openvla_product.py --budget-s 165 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"

@@ -88,7 +88,11 @@ def test_left_padding_invariance(model):
     torch.testing.assert_close(l0, l1, atol=1e-5, rtol=0)
 
 
-def test_static_kv_cache_matches_dynamic_cache(model):
+@pytest.mark.parametrize("kv_write", ["eager", "compiled"])
+def test_static_kv_cache_matches_dynamic_cache(model, monkeypatch, kv_write):
+    from policies import openvla_fast
+
+    monkeypatch.setattr(openvla_fast, "KV_WRITE", kv_write)  # "compiled": inductor writes the prefill (~5 s on CPU)
     pix, ids, mask = _prompt(3, seed=11)
     ids, mask = _left_pad(ids, mask, 2)
     mask[0, :2] = 1
