@@ -66,11 +66,11 @@ def prompt_tokenizer() -> LlamaPromptTokenizer:
 
 
 def frames(batch: int, image_size: int, seed: int) -> TensorDict:
+    """One task's frames, as an RL collector on the new task gathers them (one instruction: no padding)."""
     g = torch.Generator().manual_seed(seed)
     return TensorDict({("observation", "image"): torch.randint(0, 256, (batch, 3, image_size, image_size), generator=g,
                                                                dtype=torch.uint8),
-                       "language_instruction": [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch)]},
-                      batch_size=[batch])
+                       "language_instruction": [INSTRUCTIONS[0]] * batch}, batch_size=[batch])
 
 
 def main(argv=None) -> int:
