@@ -68,10 +68,13 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
                           cuda_graph_decode=cfg.kind == "openvla_tiny" and cfg.openvla.cuda_graph_decode)
 
 
-def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConfig, extra: dict | None = None) -> Path:
+def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConfig, extra: dict | None = None,
+                state_dict: dict | None = None) -> Path:
+    """``state_dict``: the weights to write instead of ``policy.state_dict()`` (a sharded policy's, gathered)."""
     return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(cfg),
                                   "words": getattr(policy.prompt_tokenizer, "words", None),
-                                  "state_dict": policy.state_dict(), "extra": extra or {}})
+                                  "state_dict": policy.state_dict() if state_dict is None else state_dict,
+                                  "extra": extra or {}})
 
 
 def policy_config_from_dict(data: dict) -> PolicyConfig:

@@ -89,33 +89,60 @@ def reference_update(results: list[dict]) -> dict[str, torch.Tensor]:
     return policy.state_dict()
 
 
-def main(out: Path) -> None:
-    from vla_razor.distributed import DistributedConfig, gather_stats, make_accelerator, prepare, rank, \
-        unwrap_policy, world_size
+def main(out: Path, strategy: str) -> None:
+    from vla_razor.distributed import DistributedConfig, gather_stats, load_state, make_accelerator, optimizer_state, \
+        policy_state, prepare, rank, unwrap_policy, world_size
 
-    accelerator = make_accelerator(DistributedConfig(strategy="ddp", cpu=True))
+    accelerator = make_accelerator(DistributedConfig(strategy=strategy, cpu=True))
     r = rank(accelerator)
     assert world_size(accelerator) == 2, "launch with --num_processes 2"
     policy = make_policy(seed=100 + r)
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
     wrapped, optimizer = prepare(accelerator, policy, lambda params: torch.optim.SGD(params, lr=LR))
+
+    def weights():  # what a checkpoint would hold: whole, plain tensors
+        return {k: v.detach().clone() for k, v in policy_state(accelerator, wrapped, everywhere=True).items()}
+
     batch, rewards = make_batch(r)
     tokens = wrapped(batch, generator=torch.Generator().manual_seed(10 + r))
     loss, stats = reinforce_objective(wrapped(batch, tokens), rewards)
     accelerator.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
-    final = {k: v.clone() for k, v in unwrap_policy(accelerator, wrapped).state_dict().items()}
+    final = weights()
 
     from vla_razor.vla_train import policy_gradient_update
 
     update = policy_gradient_update(wrapped, *trajectories(r), optimizer, objective="reinforce",
                                     minibatch_steps=3 if r == 0 else 5, max_grad_norm=1e9, accelerator=accelerator)
+    after = weights()
+
+    # a resume: Adam's state is what a checkpoint must carry whole (sharded under FSDP). Save after one Adam step,
+    # take a second; then load the save and take the second step again: the same weights must come out.
+    adam = accelerator.prepare_optimizer(torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad],
+                                                          lr=1e-3))
+
+    def adam_step():
+        policy_gradient_update(wrapped, *trajectories(r), adam, objective="reinforce", minibatch_steps=4,
+                               max_grad_norm=1e9, accelerator=accelerator)
+
+    adam_step()
+    saved_weights, saved_optimizer = weights(), optimizer_state(wrapped, adam)
+    if r == 0:  # a checkpoint as train-vla writes it: the main process's whole state, read back by every process
+        torch.save(saved_optimizer, out / "optimizer.pt")
+    accelerator.wait_for_everyone()
+    saved_optimizer = torch.load(out / "optimizer.pt", weights_only=False)
+    adam_step()
+    continued = weights()
+    load_state(wrapped, unwrap_policy(accelerator, wrapped), adam, saved_weights, saved_optimizer)
+    reloaded = weights()
+    adam_step()
     torch.save({"initial": initial, "final": final, "batch": batch, "tokens": tokens, "rewards": rewards,
-                "local_stats": stats, "stats": gather_stats(accelerator, stats),
-                "after_trajectory_update": unwrap_policy(accelerator, wrapped).state_dict(), "update": update},
+                "local_stats": stats, "stats": gather_stats(accelerator, stats), "after_trajectory_update": after,
+                "update": update, "saved_weights": saved_weights, "continued": continued, "reloaded": reloaded,
+                "resumed": weights(), "saved_optimizer_keys": len(saved_optimizer.get("state", {}))},
                out / f"rank{r}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ddp")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vla_razor import results
 
@@ -170,16 +171,20 @@ def test_a_tiny_vla_with_the_embedded_state_layout_is_rejected_on_simpler_states
     assert not (tmp_path / "base.pt").exists()
 
 
-def test_reinforce_under_accelerate_launch_splits_cells_and_shares_one_update(study, fake_env, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_reinforce_under_accelerate_launch_splits_cells_and_shares_one_update(study, fake_env, tmp_path, strategy):
     """`accelerate launch --num_processes 2 -m vla_razor.cli.train_vla --algo reinforce ...` (two gloo processes,
-    each with its own env worker): the 2x2 start cells are split between them, one update per iteration."""
+    each with its own env worker): the 2x2 start cells are split between them, one update per iteration; under
+    FSDP the main process alone rolls out and evaluates on gathered weights, and the saved policy loads whole."""
+    from policies.vla_factory import load_policy
     from vla_razor.checkpoint import load_checkpoint
 
-    out = tmp_path / "ddp"
+    out = tmp_path / strategy
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vla_razor.cli.train_vla",
            "--algo", "reinforce", *study["common"], f"out_dir={out}", f"results={out / 'results.csv'}",
-           f"report_dir={out / 'report'}", "algo.grid=2", "algo.trajectories_per_cell=2", "algo.lr=1e-2"]
+           f"report_dir={out / 'report'}", "algo.grid=2", "algo.trajectories_per_cell=2", "algo.lr=1e-2",
+           f"distributed.strategy={strategy}"]
     result = subprocess.run(cmd, cwd=REPO, env=fake_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = results.read_rows(out / "metrics.csv")
@@ -191,3 +196,6 @@ def test_reinforce_under_accelerate_launch_splits_cells_and_shares_one_update(st
     assert len(checkpoint["rng"]) == 2                     # each process's generators, for a resume
     [row] = results.read_rows(out / "results.csv")         # the main process alone evaluates and writes
     assert row["method"] == "reinforce" and row["step"] == 1
+    policy, _, _ = load_policy(out / "policy.pt")          # whole tensors, loadable by one process
+    assert all(type(v) is torch.Tensor for v in checkpoint["policy"].values())
+    assert set(policy.state_dict()) == set(checkpoint["policy"])

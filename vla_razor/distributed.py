@@ -1,9 +1,11 @@
 """What a training loop needs to run under ``accelerate launch``: DDP for models that fit one GPU (the tiny VLA, LoRA
-on OpenVLA-7B), FSDP to shard a full fine-tune of the 7B.
+on OpenVLA-7B), FSDP (torch's ``fully_shard``) to shard a full fine-tune of the 7B.
 
 The loop stays an explicit loop; these functions only create the engine, wrap the policy and optimizer, and make
 logging, saving and statistics rank-aware. A one-process run (plain ``python``) gets the same code path with
-``world_size == 1``.
+``world_size == 1``. ``accelerate`` runs the process group, devices and DDP; FSDP is torch's per-module
+``fully_shard`` applied here (accelerate's FSDP plugin turns into DDP on CPU and needs the optimizer prepared with the
+model), so the sharded path runs and is tested on CPU processes too.
 
 DDP and FSDP act inside the wrapped module's ``forward`` (DDP arms its gradient all-reduce there, FSDP gathers the
 sharded weights there), while a token policy is used through ``sample_tokens`` / ``token_log_probs``.
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -27,7 +31,7 @@ class DistributedConfig:
     """``distributed/``: how the processes that ``accelerate launch`` started share the model."""
 
     strategy: str = "ddp"             # ddp: replicate (tiny / LoRA); fsdp: shard params, grads, optimizer state
-    mixed_precision: str = "no"       # no | bf16 | fp16 (autocast; OpenVLA-7B's weights are bf16 already)
+    mixed_precision: str = "no"       # no | bf16 | fp16 (DDP: autocast; FSDP: bf16 compute, fp32 gradient reduction)
     # modules FSDP shards as units: Llama's decoder layers and the ViT blocks of policies/openvla_vision.py
     fsdp_wrap: list[str] = field(default_factory=lambda: ["LlamaDecoderLayer", "Block"])
     cpu: bool = False                 # force CPU (gloo backend); a machine without CUDA uses it anyway
@@ -35,29 +39,26 @@ class DistributedConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"distributed.strategy={self.strategy!r}; use one of {list(STRATEGIES)}")
+        if self.strategy == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("distributed.strategy=fsdp takes mixed_precision=bf16 or no (fp16 would need a sharded "
+                             "gradient scaler)")
 
 
 def make_accelerator(cfg: DistributedConfig):
     """The ``accelerate.Accelerator`` for ``cfg`` (process group from ``accelerate launch``'s environment)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # without CUDA, `accelerate launch --multi_gpu` processes must still form one (gloo) process group
     cpu = cfg.cpu or not torch.cuda.is_available()
-    if cfg.strategy == "fsdp" and cpu:
-        # accelerate runs FSDP only on accelerators (torch's FSDP1 computes on CUDA-like devices): on CPU it would
-        # quietly replicate the model as DDP, and a run meant to shard would not
-        raise ValueError("distributed.strategy=fsdp needs CUDA GPUs; on CPU use distributed.strategy=ddp")
-    if cfg.strategy == "fsdp":
-        # use_orig_params: LoRA mixes frozen and trainable parameters inside one FSDP unit
-        plugin = FullyShardedDataParallelPlugin(
-            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(cfg.fsdp_wrap),
-            use_orig_params=True, state_dict_type="FULL_STATE_DICT")
-        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, fsdp_plugin=plugin)
     # every trainable parameter gets a gradient each step (ViT heads OpenVLA never reads are frozen), so DDP need
     # not search the graph for unused ones; buffers (proprio statistics) are synced once at wrap time and never
     # change -- a broadcast per forward would deadlock processes that run different numbers of minibatches
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+    # FSDP's precision is its own MixedPrecisionPolicy (prepare); accelerate's autocast would only wrap DDP models
+    precision = cfg.mixed_precision if cfg.strategy == "ddp" else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+    accelerator.vla_razor_distributed = cfg  # read by prepare(): the strategy travels with the engine
+    return accelerator
 
 
 class PolicyForward(nn.Module):
@@ -76,10 +77,43 @@ class PolicyForward(nn.Module):
 
 def prepare(accelerator, policy: nn.Module, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
     """(wrapped :class:`PolicyForward`, prepared optimizer). The optimizer is built on the wrapped module's
-    trainable parameters, which FSDP replaces when it shards."""
-    wrapped = accelerator.prepare_model(PolicyForward(policy))
+    trainable parameters, which FSDP replaces by their shards."""
+    cfg = getattr(accelerator, "vla_razor_distributed", None) or DistributedConfig()
+    if cfg.strategy == "fsdp" and accelerator.num_processes > 1:
+        wrapped = _shard(PolicyForward(policy), cfg, accelerator)
+    else:
+        wrapped = accelerator.prepare_model(PolicyForward(policy))
     optimizer = make_optimizer([p for p in wrapped.parameters() if p.requires_grad])
     return wrapped, accelerator.prepare_optimizer(optimizer)
+
+
+def _shard(wrapped: PolicyForward, cfg: DistributedConfig, accelerator) -> PolicyForward:
+    """``fully_shard`` every ``cfg.fsdp_wrap`` module, then the rest as the root unit, over all processes; rank 0's
+    weights first, as DDP does (processes may have built the policy from different seeds)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for tensor in wrapped.state_dict().values():
+        dist.broadcast(tensor.data, src=0)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    precision = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    units = [m for m in wrapped.modules() if type(m).__name__ in cfg.fsdp_wrap]
+    if not units:
+        raise ValueError(f"distributed.fsdp_wrap={list(cfg.fsdp_wrap)} names no module of "
+                         f"{type(wrapped.policy).__name__}; list its layer classes")
+    compiled = [m for m in wrapped.modules() if m._compiled_call_impl is not None]
+    if compiled:  # a regionally compiled unit would trace FSDP's hooks: shard eager layers (not measured together)
+        log.warning("FSDP: %d compiled layers run eagerly (policy.openvla.compile_layers applies to DDP)", len(compiled))
+        for module in compiled:
+            module._compiled_call_impl = None
+    for module in units:
+        fully_shard(module, mesh=mesh, mp_policy=precision)
+    root = fully_shard(wrapped, mesh=mesh, mp_policy=precision)
+    # FSDP makes the first unit to run forward the root; rollouts run the bare policy's units first (full_weights)
+    root._get_fsdp_state()._lazy_init()
+    return root
 
 
 def unwrap_policy(accelerator, wrapped: nn.Module) -> nn.Module:
@@ -87,17 +121,85 @@ def unwrap_policy(accelerator, wrapped: nn.Module) -> nn.Module:
     return accelerator.unwrap_model(wrapped).policy
 
 
+def _fsdp_units(wrapped: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+
+
 @contextmanager
 def full_weights(accelerator, wrapped: nn.Module) -> Iterator[None]:
-    """Inside, the bare policy (:func:`unwrap_policy`) holds all its weights on every process: FSDP gathers its
-    shards for rollouts, evaluation and saving (every process must enter); DDP and one process hold them already."""
-    if accelerator.distributed_type != "FSDP":
+    """Inside, the bare policy (:func:`unwrap_policy`) runs with all its weights on every process: FSDP gathers its
+    shards (every process must enter) and keeps them gathered through its forwards, so the main process alone may
+    run rollouts, evaluation and KL; changes to them inside are not kept. Its parameters still read as shards
+    outside a forward: save through :func:`policy_state`. DDP and one process hold the weights already."""
+    units = _fsdp_units(wrapped)
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
         yield
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    finally:
+        for unit in units:
+            unit.reshard()
+            # FSDP keeps the root unit's weights gathered after forward (its backward needs them next)
+            unit.set_reshard_after_forward(unit is not wrapped)
 
-    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
-        yield
+
+def policy_state(accelerator, wrapped: nn.Module, everywhere: bool = False) -> dict:
+    """The policy's whole weights (its ``state_dict``, plain tensors) on the main process, or on every process with
+    ``everywhere``. Under FSDP every process must call it: the shards are gathered (to CPU memory on the main
+    process, the others get an empty dict unless ``everywhere``)."""
+    if not _fsdp_units(wrapped):
+        return unwrap_policy(accelerator, wrapped).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    return {name.removeprefix("policy."): tensor.cpu() if everywhere else tensor for name, tensor in full.items()}
+
+
+def lockstep_passes(accelerator, wrapped: nn.Module, passes: int) -> int:
+    """How many forward/backward passes this process must run for an update of ``passes`` minibatches: its own, or
+    under FSDP -- whose every forward gathers weights and every backward reduces gradients, collectively -- the most
+    any process runs (the rest pad with zero-weighted passes)."""
+    if accelerator is None or accelerator.num_processes == 1 or not _fsdp_units(wrapped):
+        return passes
+    import torch.distributed as dist
+
+    most = torch.tensor([passes], device=accelerator.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
+
+
+def optimizer_state(wrapped: nn.Module, optimizer) -> dict:
+    """The optimizer's state to save, whole, on the main process (FSDP gathers the shards to its CPU memory, keyed by
+    parameter name, and leaves the other processes an empty dict; every process must call it)."""
+    if not _fsdp_units(wrapped):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, _inner(optimizer), options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
+
+
+def load_state(wrapped: nn.Module, policy: nn.Module, optimizer, saved_policy: dict, saved_optimizer: dict) -> None:
+    """Load a saved policy and :func:`optimizer_state` (each process holds the whole of both); under FSDP each
+    process keeps its shard of them."""
+    if not _fsdp_units(wrapped):
+        policy.load_state_dict(saved_policy)
+        optimizer.load_state_dict(saved_optimizer)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(wrapped, {f"policy.{k}": v for k, v in saved_policy.items()}, options=options)
+    set_optimizer_state_dict(wrapped, _inner(optimizer), saved_optimizer, options=options)
+
+
+def _inner(optimizer):
+    """The torch optimizer under accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def rank(accelerator) -> int:

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 from tensordict import TensorDictBase
 
-from vla_razor.distributed import reduce_floats
+from vla_razor.distributed import lockstep_passes, reduce_floats
 from vla_razor.divergences import kl_base_to_policy_per_position
 from vla_razor.objectives import get_objective, sequence_advantages, policy_gradient_objective
 
@@ -32,7 +32,8 @@ def _clip_and_step(model, optimizer, max_grad_norm: float, accelerator) -> float
     clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
     grad_norm = clip(params, max_grad_norm)
     optimizer.step()
-    return float(grad_norm)
+    # under FSDP the norm is a DTensor: its value is the same on every process
+    return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
 
 
 def _world(accelerator) -> tuple[int, int]:
@@ -116,24 +117,28 @@ def policy_gradient_update(model, steps: TensorDictBase, step_trajectory: torch.
     advantages = trajectory_advantages[step_trajectory]                                              # [S]
     local_tokens = steps.batch_size[0] * 7
     total_tokens = int(reduce_floats(accelerator, [local_tokens])[0])
-    starts = range(0, steps.batch_size[0], minibatch_steps)
+    starts = list(range(0, steps.batch_size[0], minibatch_steps))
+    passes = lockstep_passes(accelerator, model, len(starts))
     optimizer.zero_grad(set_to_none=True)
     loss_sum, gap_sum, recorded = 0.0, 0.0, ACTION_LOG_PROBS in steps.keys(True)
     # minibatches of steps whose weighted losses add up to the whole batch's (no graph outlives its minibatch)
-    for start in starts:
-        rows = slice(start, start + minibatch_steps)
+    for index in range(passes):
+        # a process with fewer minibatches than FSDP's lockstep asks for adds zero-weighted ones (its first step)
+        padding = index >= len(starts)
+        rows = slice(0, 1) if padding else slice(starts[index], starts[index] + minibatch_steps)
         part_steps = steps[rows]
         # gradients are synchronized once, on each process's last minibatch (DDP decides that at forward time)
-        sync = world == 1 or start == starts[-1]
+        sync = world == 1 or index == passes - 1
         with nullcontext() if sync else accelerator.no_sync(model):
             log_probs = model(part_steps, part_steps.get(ACTION_TOKENS).reshape(-1, 7))
             part, _ = policy_gradient_objective(log_probs, advantages[rows])
-            if recorded:
+            if recorded and not padding:
                 behaviour = part_steps.get(ACTION_LOG_PROBS).reshape(-1, 7).to(log_probs)
                 gap_sum += float((behaviour - log_probs.detach()).abs().sum())
             # token mean over every process's batch: DDP averages the processes' gradients, hence the factor world
-            _backward(part * (world * log_probs.numel() / total_tokens), accelerator)
-        loss_sum += float(part.detach()) * log_probs.numel() / total_tokens
+            share = 0.0 if padding else log_probs.numel() / total_tokens
+            _backward(part * (world * share), accelerator)
+        loss_sum += float(part.detach()) * share
     grad_norm = _clip_and_step(model, optimizer, max_grad_norm, accelerator)
     loss, gap = reduce_floats(accelerator, [loss_sum, gap_sum])  # this process's shares -> the whole batch's
     return {"loss": loss, "grad_norm": grad_norm, "behaviour_log_prob_gap": gap / total_tokens if recorded else math.nan,

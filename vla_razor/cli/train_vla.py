@@ -35,7 +35,8 @@ from tqdm import tqdm
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from vla_razor import results
 from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from vla_razor.distributed import DistributedConfig, full_weights, make_accelerator, prepare, reduce_floats, save_main
+from vla_razor.distributed import (DistributedConfig, full_weights, load_state, make_accelerator, optimizer_state,
+                                   policy_state, prepare, reduce_floats, save_main)
 from vla_razor.cli.common import run_config, reject_unknown_algo, translate_algo_flag
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
 from vla_razor.objectives import ON_POLICY_OBJECTIVES
@@ -159,10 +160,9 @@ class Run:
         from accelerate.utils import gather_object
 
         rngs = gather_object([rng_state()])  # every process's generators, so a resume continues each stream
-        with full_weights(self.accelerator, self.model):
-            state = {"identity": identity(self.cfg), "policy": self.policy.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "progress": self.progress, "metrics": self.metrics,
-                     "rng": rngs}
+        state = {"identity": identity(self.cfg), "policy": policy_state(self.accelerator, self.model),
+                 "optimizer": optimizer_state(self.model, self.optimizer), "progress": self.progress,
+                 "metrics": self.metrics, "rng": rngs}
 
         def write():
             save_checkpoint(self.checkpoint_path, state)
@@ -176,8 +176,7 @@ class Run:
         if state["identity"] != identity(self.cfg):
             raise ValueError(f"{self.checkpoint_path} was written by a run with other settings; use another out_dir "
                              "or delete it to start over")
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_state(self.model, self.policy, self.optimizer, state["policy"], state["optimizer"])
         self.progress, self.metrics = state["progress"], state["metrics"]
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) != self.accelerator.num_processes:
@@ -303,9 +302,14 @@ def train_on_policy(run: Run) -> None:
                          image_size=cfg.env.image_size,
                          seed=cfg.seed + 7919 * run.progress["iteration"] + 104_729 * rank)
     workers = env.batch_size[0]
-    collector = Collector(env, run.policy, frames_per_batch=workers * 8, trajs_per_batch=per_iteration,
-                          traj_format="cat", total_frames=-1, policy_device=accelerator.device,
-                          env_device="cpu", storing_device="cpu")
+    # torchrl copies a policy whose parameters do not read as plain tensors on policy_device, and FSDP's sharded
+    # ones cannot be copied: under FSDP the policy is trusted as it is (it moves its inputs to its device itself)
+    sharded = cfg.distributed.strategy == "fsdp" and world > 1
+    with full_weights(accelerator, run.model):  # the collector runs the policy once to learn its outputs
+        collector = Collector(env, run.policy, frames_per_batch=workers * 8, trajs_per_batch=per_iteration,
+                              traj_format="cat", total_frames=-1,
+                              policy_device=None if sharded else accelerator.device, env_device="cpu",
+                              storing_device="cpu")
     run.policy.rollout_version = run.progress["updates"]
     bar = tqdm(total=algo.iterations, initial=run.progress["iteration"], desc=f"{algo.name} lr={algo.lr:g}",
                disable=not cfg.progress or not run.is_main)
@@ -398,9 +402,10 @@ def run_training(cfg: TrainVLAConfig) -> dict:
         train_sft(run, data)
     else:
         train_on_policy(run)
+    weights = policy_state(accelerator, run.model)
+    save_main(accelerator, lambda: save_policy(final_path, policy, cfg.policy, state_dict=weights, extra={
+        "algo": cfg.algo.name, "base": cfg.base, "demos_root": cfg.demos_root}))
     with full_weights(accelerator, run.model):
-        save_main(accelerator, lambda: save_policy(final_path, policy, cfg.policy, extra={
-            "algo": cfg.algo.name, "base": cfg.base, "demos_root": cfg.demos_root}))
         result = finish(cfg, run, final_path) if accelerator.is_main_process else {}
         accelerator.wait_for_everyone()
     return result
