@@ -93,12 +93,13 @@ def main(out: Path, strategy: str) -> None:
     from vla_razor.distributed import DistributedConfig, gather_stats, load_state, make_accelerator, optimizer_state, \
         policy_state, prepare, rank, unwrap_policy, world_size
 
-    accelerator = make_accelerator(DistributedConfig(strategy=strategy, cpu=True))
+    distributed = DistributedConfig(strategy=strategy, cpu=True)
+    accelerator = make_accelerator(distributed)
     r = rank(accelerator)
     assert world_size(accelerator) == 2, "launch with --num_processes 2"
     policy = make_policy(seed=100 + r)
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
-    wrapped, optimizer = prepare(accelerator, policy, lambda params: torch.optim.SGD(params, lr=LR))
+    wrapped, optimizer = prepare(accelerator, policy, lambda params: torch.optim.SGD(params, lr=LR), distributed)
 
     def weights():  # what a checkpoint would hold: whole, plain tensors
         return {k: v.detach().clone() for k, v in policy_state(accelerator, wrapped, everywhere=True).items()}

@@ -56,9 +56,7 @@ def make_accelerator(cfg: DistributedConfig):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
     # FSDP's precision is its own MixedPrecisionPolicy (prepare); accelerate's autocast would only wrap DDP models
     precision = cfg.mixed_precision if cfg.strategy == "ddp" else "no"
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-    accelerator.vla_razor_distributed = cfg  # read by prepare(): the strategy travels with the engine
-    return accelerator
+    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
 
 
 class PolicyForward(nn.Module):
@@ -75,10 +73,11 @@ class PolicyForward(nn.Module):
         return self.policy.token_log_probs(batch, tokens)
 
 
-def prepare(accelerator, policy: nn.Module, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
-    """(wrapped :class:`PolicyForward`, prepared optimizer). The optimizer is built on the wrapped module's
-    trainable parameters, which FSDP replaces by their shards."""
-    cfg = getattr(accelerator, "vla_razor_distributed", None) or DistributedConfig()
+def prepare(accelerator, policy: nn.Module, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+            cfg: DistributedConfig | None = None):
+    """(wrapped :class:`PolicyForward`, prepared optimizer) for ``cfg``'s strategy (default DDP). The optimizer is
+    built on the wrapped module's trainable parameters, which FSDP replaces by their shards."""
+    cfg = cfg or DistributedConfig()
     if cfg.strategy == "fsdp" and accelerator.num_processes > 1:
         wrapped = _shard(PolicyForward(policy), cfg, accelerator)
     else:

@@ -142,7 +142,7 @@ class Run:
         if base is not None:
             base.to(accelerator.device)
         self.model, self.optimizer = prepare(accelerator, policy, lambda params: make_adamw(
-            params, cfg.algo.lr, cfg.algo.weight_decay))
+            params, cfg.algo.lr, cfg.algo.weight_decay), cfg.distributed)
         self.policy = policy
         self.progress = {"epoch": 0, "batch": 0, "iteration": 0, "updates": 0}
         self.metrics: list[dict] = []
