@@ -10,8 +10,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from policies.openvla import (OpenVLAOptions, apply_speedups, build_openvla, build_openvla_policy, configure_training,
                               tiny_dims)
 from policies.vla_model import VLAModelConfig, build_tiny_vla, num_image_tokens

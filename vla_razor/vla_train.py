@@ -9,7 +9,6 @@ gradients average over processes and the objective's baseline and token mean spa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from contextlib import nullcontext
 
 import torch

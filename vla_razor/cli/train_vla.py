@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
