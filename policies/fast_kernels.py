@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["compile_decoder_layers", "contiguous_output", "contiguous_patch_embeddings", "decoder_layers",
-           "enable_fused_llama_ops",
-           "fuse_lora_linears", "uncompiled", "unfuse_lora_linears"]
+           "enable_fused_llama_ops", "fuse_lora_linears", "uncompiled", "unfuse_lora_linears"]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,23 +104,22 @@ def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: 
     rope_c = _compiled("rope", _apply_rotary, compile, dynamic)
     orig_mlp = _ORIGINALS["mlp"]
 
-    def big(x: torch.Tensor) -> bool:
+    def big(rows: int) -> bool:
         # inside a compiled region (compile_decoder_layers) inductor fuses the plain formulas itself
-        return x.numel() >= min_rows * x.shape[-1] and not torch.compiler.is_compiling()
+        return rows >= min_rows and not torch.compiler.is_compiling()
 
     def norm_forward(self, hidden_states):
-        fn = norm_c if big(hidden_states) else _rms_norm
+        fn = norm_c if big(hidden_states.numel() // hidden_states.shape[-1]) else _rms_norm
         return fn(hidden_states, self.weight, self.variance_epsilon)
 
     def mlp_forward(self, x):
         if getattr(self.config, "hidden_act", "silu") != "silu":
             return orig_mlp(self, x)
-        fn = silu_mul_c if big(x) else _silu_mul
+        fn = silu_mul_c if big(x.numel() // x.shape[-1]) else _silu_mul
         return self.down_proj(fn(self.gate_proj(x), self.up_proj(x)))
 
     def rope(q, k, cos, sin, *args, **kwargs):  # q: [B, H, T, D]
-        rows = q.numel() // (q.shape[1] * q.shape[-1])  # tokens
-        fn = rope_c if rows >= min_rows and not torch.compiler.is_compiling() else _apply_rotary
+        fn = rope_c if big(q.numel() // (q.shape[1] * q.shape[-1])) else _apply_rotary  # rows: tokens
         return fn(q, k, cos, sin, *args, **kwargs)
 
     ml.LlamaRMSNorm.forward = norm_forward
@@ -225,8 +223,17 @@ def unfuse_lora_linears(model) -> None:
 
 
 def decoder_layers(model, suffixes: tuple[str, ...] = ("DecoderLayer",)) -> list[torch.nn.Module]:
-    """Every module whose class name ends with one of ``suffixes``, in module order (last = the output side)."""
-    return [m for m in model.modules() if type(m).__name__.endswith(tuple(suffixes))]
+    """Every module whose class name ends with one of ``suffixes``, in module order (last = the output side).
+
+    Cached on ``model``: the sampler and the teacher-forced forward ask on every call, and walking the 7B's ~1000
+    modules costs ~1 ms. Layers are fixed once a model is built (adapters and sharding change what is inside them);
+    a deep copy copies the cache along with the layers it names.
+    """
+    key = tuple(suffixes)
+    cache = model.__dict__.setdefault("_layers_by_suffix", {})
+    if key not in cache:
+        cache[key] = [m for m in model.modules() if type(m).__name__.endswith(key)]
+    return cache[key]
 
 
 def compile_decoder_layers(
