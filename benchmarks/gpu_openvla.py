@@ -476,6 +476,12 @@ def check_graph_decode(model, n_img, img, dtype, device):
             "pass": bool(_no_farther(graph, eager, 1.5, 0.01) and _no_farther(graph2, eager, 1.5, 0.01))}
 
 
+def _device_us(event, name: str) -> float:
+    """A profiler event's device time (``name``, e.g. ``self_device_time_total``), under torch's older cuda name."""
+    us = getattr(event, name, None)
+    return us if us is not None else getattr(event, name.replace("device", "cuda"), 0.0)
+
+
 def profile_breakdown(fn, device, top_n: int = 8) -> dict | None:
     """GPU kernel time of one call of ``fn`` by kind (GEMM, attention, compiled/triton, copies, other
     element-wise) and the idle share of its wall time (host-bound launch gaps)."""
@@ -493,9 +499,7 @@ def profile_breakdown(fn, device, top_n: int = 8) -> dict | None:
     kinds = {"gemm": 0.0, "attention": 0.0, "triton (compiled)": 0.0, "copy/cat": 0.0, "other": 0.0}
     top = []
     for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", None)
-        if us is None:
-            us = getattr(ev, "self_cuda_time_total", 0.0)
+        us = _device_us(ev, "self_device_time_total")
         if not us:
             continue
         name = ev.key.lower()
@@ -539,9 +543,7 @@ def copy_sources(fn, device, top_n: int = 10) -> list[str] | None:
     for ev in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6):
         if ev.key not in COPY_OPS:
             continue
-        us = getattr(ev, "device_time_total", None)
-        if us is None:
-            us = getattr(ev, "cuda_time_total", 0.0)
+        us = _device_us(ev, "device_time_total")
         if us <= 0:
             continue
         here = [frame for frame in (ev.stack or []) if "torch/" not in frame][:3]
@@ -748,7 +750,7 @@ def main(argv=None):
                               fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
                               note="openvla_fast.KV_WRITE: the cache slice write vectorized by inductor")
                 openvla_fast.KV_WRITE = "eager"
-            if use_compile and not args.no_extras:  # the vision tower's element-wise ops, fused by inductor
+                # the vision tower's element-wise ops, fused by inductor
                 fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
                 bench.measure("sample", "ours + CUDA graphs + SigLIP layers compiled", b,
                               lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),

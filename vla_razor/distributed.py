@@ -126,6 +126,11 @@ def _fsdp_units(wrapped: nn.Module) -> list[nn.Module]:
     return [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
 
 
+def is_sharded(wrapped: nn.Module) -> bool:
+    """Whether :func:`prepare` sharded the policy (FSDP over several processes)."""
+    return bool(_fsdp_units(wrapped))
+
+
 @contextmanager
 def full_weights(accelerator, wrapped: nn.Module) -> Iterator[None]:
     """Inside, the bare policy (:func:`unwrap_policy`) runs with all its weights on every process: FSDP gathers its
@@ -149,7 +154,7 @@ def policy_state(accelerator, wrapped: nn.Module, everywhere: bool = False) -> d
     """The policy's whole weights (its ``state_dict``, plain tensors) on the main process, or on every process with
     ``everywhere``. Under FSDP every process must call it: the shards are gathered (to CPU memory on the main
     process, the others get an empty dict unless ``everywhere``)."""
-    if not _fsdp_units(wrapped):
+    if not is_sharded(wrapped):
         return unwrap_policy(accelerator, wrapped).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -161,7 +166,7 @@ def lockstep_passes(accelerator, wrapped: nn.Module, passes: int) -> int:
     """How many forward/backward passes this process must run for an update of ``passes`` minibatches: its own, or
     under FSDP -- whose every forward gathers weights and every backward reduces gradients, collectively -- the most
     any process runs (the rest pad with zero-weighted passes)."""
-    if accelerator is None or accelerator.num_processes == 1 or not _fsdp_units(wrapped):
+    if accelerator is None or accelerator.num_processes == 1 or not is_sharded(wrapped):
         return passes
     import torch.distributed as dist
 
@@ -173,7 +178,7 @@ def lockstep_passes(accelerator, wrapped: nn.Module, passes: int) -> int:
 def optimizer_state(wrapped: nn.Module, optimizer) -> dict:
     """The optimizer's state to save, whole, on the main process (FSDP gathers the shards to its CPU memory, keyed by
     parameter name, and leaves the other processes an empty dict; every process must call it)."""
-    if not _fsdp_units(wrapped):
+    if not is_sharded(wrapped):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -184,7 +189,7 @@ def optimizer_state(wrapped: nn.Module, optimizer) -> dict:
 def load_state(wrapped: nn.Module, policy: nn.Module, optimizer, saved_policy: dict, saved_optimizer: dict) -> None:
     """Load a saved policy and :func:`optimizer_state` (each process holds the whole of both); under FSDP each
     process keeps its shard of them."""
-    if not _fsdp_units(wrapped):
+    if not is_sharded(wrapped):
         policy.load_state_dict(saved_policy)
         optimizer.load_state_dict(saved_optimizer)
         return

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
 from vla_razor import results
 from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from vla_razor.distributed import (DistributedConfig, full_weights, load_state, make_accelerator, optimizer_state,
-                                   policy_state, prepare, reduce_floats, save_main)
+from vla_razor.distributed import (DistributedConfig, full_weights, is_sharded, load_state, make_accelerator,
+                                   optimizer_state, policy_state, prepare, reduce_floats, save_main)
 from vla_razor.cli.common import run_config, reject_unknown_algo, translate_algo_flag
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoint, write_robot_report
 from vla_razor.objectives import ON_POLICY_OBJECTIVES
@@ -303,12 +303,11 @@ def train_on_policy(run: Run) -> None:
     workers = env.batch_size[0]
     # torchrl copies a policy whose parameters do not read as plain tensors on policy_device, and FSDP's sharded
     # ones cannot be copied: under FSDP the policy is trusted as it is (it moves its inputs to its device itself)
-    sharded = cfg.distributed.strategy == "fsdp" and world > 1
     with full_weights(accelerator, run.model):  # the collector runs the policy once to learn its outputs
         collector = Collector(env, run.policy, frames_per_batch=workers * 8, trajs_per_batch=per_iteration,
                               traj_format="cat", total_frames=-1,
-                              policy_device=None if sharded else accelerator.device, env_device="cpu",
-                              storing_device="cpu")
+                              policy_device=None if is_sharded(run.model) else accelerator.device,
+                              env_device="cpu", storing_device="cpu")
     run.policy.rollout_version = run.progress["updates"]
     bar = tqdm(total=algo.iterations, initial=run.progress["iteration"], desc=f"{algo.name} lr={algo.lr:g}",
                disable=not cfg.progress or not run.is_main)
