@@ -196,6 +196,43 @@ def test_fused_lora_matches_peft(model, monkeypatch, low_rank_first):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("low_rank_first", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_compiled_lora_linear_matches_eager_and_copies_no_output(monkeypatch, low_rank_first, with_bias):
+    """Under torch.compile the in-place accumulate must stay in place: a functionalised ``addmm`` copies the
+    whole [N, out] accumulator first (one copy per projection, forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(fk, "LORA_LOW_RANK_FIRST", low_rank_first)
+    g = torch.Generator().manual_seed(11)
+    n_rows, d_in, d_out, r = 48, 32, 40, 4
+    weight = torch.randn(d_out, d_in, generator=g) / 6
+    bias = torch.randn(d_out, generator=g) if with_bias else None
+    x = torch.randn(2, n_rows // 2, d_in, generator=g)
+    a, b = torch.randn(r, d_in, generator=g) / 6, torch.randn(d_out, r, generator=g) / 2
+
+    def loss(x, a, b):
+        return fk._LoRALinearFn.apply(x, weight, bias, a, b, 0.5).sin().sum()
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        value = fn(*leaves)
+        value.backward()
+        return [value.detach()] + [t.grad for t in leaves]
+
+    def output_copies(fn) -> int:  # copies of an [N, out] / [N, in] tensor in one forward + backward
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            grads(fn)
+        return sum(ev.count for ev in prof.key_averages(group_by_input_shape=True)
+                   if ev.key == "aten::copy_" and ev.input_shapes and ev.input_shapes[0] in ([n_rows, d_out], [n_rows, d_in]))
+
+    compiled = torch.compile(loss, fullgraph=True)
+    for got, want in zip(grads(compiled), grads(loss)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # eager copies only where the CPU kernel broadcasts a bias into its output (CUDA adds it in the epilogue)
+    assert output_copies(compiled) == output_copies(loss) == (1 if with_bias else 0)
+
+
 def test_trimmed_last_layer_gives_the_same_log_probs_and_gradients(model):
     from policies.openvla_fast import _body, last_layer_rows
 
