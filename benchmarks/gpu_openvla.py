@@ -524,32 +524,60 @@ def profile_breakdown(fn, device, top_n: int = 8) -> dict | None:
 
 COPY_OPS = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy", "aten::cat", "aten::index",
             "aten::masked_scatter", "aten::pad", "aten::constant_pad_nd", "aten::transpose", "aten::reshape")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 
 
-def copy_sources(fn, device, top_n: int = 10) -> list[str] | None:
+def _gemm_flops(key: str, shapes: list) -> float:
+    """2 M K N (x batch) of one call, from the profiler's input shapes (mm: a, b; addmm: c, a, b)."""
+    a, b = (shapes[0], shapes[1]) if key in ("aten::mm", "aten::bmm") else (shapes[1], shapes[2])
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def copy_sources(fn, device, top_n: int = 10) -> dict | None:
     """Which CPU ops (with input shapes and the Python lines above them) launched the copy kernels of one call of
-    ``fn``: runs 4-6 saw ~80 ms of strided ``direct_copy_kernel`` per b256 sampling call and a 42 ms memcpy per LoRA
-    step that the kernel-level profile could not attribute. Device time includes the op's child ops."""
-    if device.type != "cuda":
-        return None
+    ``fn``, and the GEMMs by shape with their TFLOP/s: runs 4-6 saw ~80 ms of strided ``direct_copy_kernel`` per
+    b256 sampling call and a 42 ms memcpy per LoRA step that the kernel-level profile could not attribute, and
+    LoRA's GEMMs averaged ~590 TFLOP/s against ~700 in sampling (its rank-r products are memory-bound). Device
+    time includes the op's child ops (on a CPU: CPU time, for tests)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def op_us(ev) -> float:
+        return _device_us(ev, "device_time_total") if cuda else ev.cpu_time_total
+
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
-        fn()
+    if cuda:
         torch.cuda.synchronize()
-    rows = []
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    copies = []
     for ev in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6):
         if ev.key not in COPY_OPS:
             continue
-        us = _device_us(ev, "device_time_total")
+        us = op_us(ev)
         if us <= 0:
             continue
         here = [frame for frame in (ev.stack or []) if "torch/" not in frame][:3]
-        rows.append((us, f"{us / 1e3:.1f} ms x{ev.count} {ev.key} {str(ev.input_shapes)[:140]} <- {' <- '.join(here)}"))
-    rows.sort(reverse=True)
-    return [text for _, text in rows[:top_n]]
+        copies.append((us, f"{us / 1e3:.1f} ms x{ev.count} {ev.key} {str(ev.input_shapes)[:140]} <- {' <- '.join(here)}"))
+    gemms = []
+    for ev in prof.key_averages(group_by_input_shape=True):
+        us = op_us(ev)
+        if ev.key not in GEMM_OPS or us <= 0:
+            continue
+        try:
+            flops = _gemm_flops(ev.key, ev.input_shapes) * ev.count
+        except (IndexError, TypeError):
+            flops = 0.0
+        gemms.append((us, f"{us / 1e3:.1f} ms x{ev.count} {ev.key} {ev.input_shapes} {flops / us / 1e6:.0f} TFLOP/s"))
+    copies.sort(reverse=True)
+    gemms.sort(reverse=True)
+    return dict(copies=[text for _, text in copies[:top_n]], gemms=[text for _, text in gemms[:2 * top_n]],
+                gemm_ms=round(sum(us for us, _ in gemms) / 1e3, 1))
 
 
 def cudnn_attention():
@@ -563,12 +591,21 @@ def cudnn_attention():
         return sdpa_kernel(order)
 
 
-def _record_copy_sources(bench, key, device, fn) -> None:
+def _record(bench, key, diagnose, device, fn) -> None:
+    """``bench.meta[key] = diagnose(fn, device)``; a diagnosis never stops the measurements."""
     try:
-        bench.meta[key] = copy_sources(fn, device)
-    except Exception as e:  # a diagnosis: never stop the measurements for it
+        bench.meta[key] = diagnose(fn, device)
+    except Exception as e:
         bench.meta[key] = f"error: {type(e).__name__}: {str(e)[:200]}"
     print(key, json.dumps(bench.meta[key], indent=1), flush=True)
+
+
+def _record_copy_sources(bench, key, device, fn) -> None:
+    _record(bench, key, copy_sources, device, fn)
+
+
+def _record_profile(bench, key, device, fn) -> None:
+    _record(bench, key, profile_breakdown, device, fn)
 
 
 def sampling_variants(bench, model, batch_of, fused_ops, fwd, action_ids, device, tiny) -> int:
@@ -600,12 +637,8 @@ def sampling_variants(bench, model, batch_of, fused_ops, fwd, action_ids, device
                       lambda: sample_action_tokens(model, pix, ids, mask, action_ids, cuda_graphs=True), fwd,
                       need_s=15 + b * 0.04, warmup=2, iters=3, note="")
         if b == b_main:
-            try:
-                bench.meta[f"profile {name}"] = profile_breakdown(
-                    lambda: sample_action_tokens(model, pix, ids, mask, action_ids, cuda_graphs=True), device, top_n=16)
-                print("profile", name, json.dumps(bench.meta[f"profile {name}"]), flush=True)
-            except Exception as e:
-                bench.meta[f"profile {name}"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            _record(bench, f"profile {name}", lambda fn, dev: profile_breakdown(fn, dev, top_n=16), device,
+                    lambda: sample_action_tokens(model, pix, ids, mask, action_ids, cuda_graphs=True))
             if layout == "token":
                 _record_copy_sources(bench, f"copy sources {name}", device, lambda: sample_action_tokens(
                     model, pix, ids, mask, action_ids, cuda_graphs=True))
@@ -761,12 +794,8 @@ def main(argv=None):
                           lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, num_tokens=1), fwd,
                           need_s=10 + RESERVE_TRAIN, warmup=1, iters=3,
                           note="num_tokens=1: image+prompt prefill and one head, no decode (MFU on 284-token convention)")
-            try:
-                bench.meta["profile_sample_b%d" % b] = profile_breakdown(
-                    lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), device)
-                print("profile sample:", json.dumps(bench.meta["profile_sample_b%d" % b]), flush=True)
-            except Exception as e:
-                bench.meta["profile_sample_b%d" % b] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            _record_profile(bench, "profile_sample_b%d" % b, device, lambda: sample_action_tokens(
+                model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True))
             _record_copy_sources(bench, "copy sources sample b%d" % b, device, lambda: sample_action_tokens(
                 model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True))
         clear_decode_graphs()
@@ -794,8 +823,9 @@ def main(argv=None):
     model.zero_grad(set_to_none=True)
     gc.collect()
     opt = make_adamw(model.parameters(), lr=1e-7)
-    if use_compile:  # inductor fuses the element-wise ops inside the compiled layers itself (as in run 1)
-        fk.compile_decoder_layers(model, True)
+    if use_compile:  # inductor fuses the element-wise ops inside the compiled layers itself (as in run 1); the last
+        # layer stays eager so its o_proj / MLP run on the 8 positions the head reads (as LoRA and the product path)
+        fk.compile_decoder_layers(model, True, last_eager=True)
         contiguous_vision(True)
     else:
         fused_ops(True)
@@ -804,7 +834,9 @@ def main(argv=None):
         rb = ReinforceBatch(pix, ids, mask, adv)
         bench.measure("full-FT", "ours + compiled decoder layers", b,
                       lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=30 + b * 0.3 + RESERVE_LORA,
-                      warmup=2, note="action head, regional torch.compile fwd+bwd, fused AdamW, no ckpt")
+                      warmup=2, note="action head, regional torch.compile fwd+bwd, last layer trimmed, fused AdamW, no ckpt")
+        if b == sizes["full"][-1]:  # never profiled before: where the ~0.3 s beside the GEMMs goes
+            _record_profile(bench, "profile_full_b%d" % b, device, lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV))
         del pix, ids, mask, adv, rb
     if not args.no_extras:  # + the vision tower's encoder layers compiled too
         b = sizes["full"][-1]
@@ -871,12 +903,8 @@ def main(argv=None):
                 bench.measure("LoRA", "ours + cuDNN attention", b,
                               lambda: _with(cudnn_attention(), lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV)),
                               lora, need_s=25 + b * 0.2, warmup=2, note="SDPA backend order: cuDNN first")
-                try:
-                    bench.meta["profile_lora_b%d" % b] = profile_breakdown(
-                        lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), device)
-                    print("profile LoRA:", json.dumps(bench.meta["profile_lora_b%d" % b]), flush=True)
-                except Exception as e:
-                    bench.meta["profile_lora_b%d" % b] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                _record_profile(bench, "profile_lora_b%d" % b, device,
+                                lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
                 _record_copy_sources(bench, "copy sources LoRA b%d" % b, device,
                                      lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
                 fk.LORA_LOW_RANK_FIRST = True

@@ -29,6 +29,10 @@ def test_llava_benchmark_runs_every_row_and_its_checks_pass(tmp_path):
     checks = results["meta"]["checks"]
     assert checks["numerics"]["pass"] and checks["fused_lora"]["pass"]
     assert "low_rank_first_logp_err" in checks["fused_lora"]
+    # the op-level diagnosis (CPU time here): the LoRA step's GEMMs parsed with their shapes and rates
+    lora_ops = results["meta"]["copy sources LoRA b3"]
+    assert lora_ops["gemm_ms"] > 0 and any("aten::mm" in g and "TFLOP/s" in g for g in lora_ops["gemms"]), lora_ops
+    assert isinstance(lora_ops["copies"], list) and isinstance(results["meta"]["copy sources sample b4"], dict)
 
 
 def test_product_benchmark_runs_the_policy_path_with_speedups_off_and_on(tmp_path):
