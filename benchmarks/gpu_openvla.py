@@ -5,12 +5,14 @@ teacher-forced log-prob rows and uncompiled training rows are in benchmarks/resu
   (a) action sampling (actions/s = samples/s, one action = 7 tokens) at batch 1/64/128/256:
       naive ``model.generate(max_new_tokens=7, do_sample=True)`` vs ``sample_action_tokens`` with the
       pre-allocated in-place KV cache (fused element-wise ops compiled only for inputs >= 2048 rows,
-      so decode steps and batch-1 prefill run eager); attribution row: the same with DynamicCache;
+      so decode steps and batch-1 prefill run eager); optional rows at b256 (compiled KV write, SigLIP
+      layers compiled), and b512 with whichever of them was faster at b256;
   (c) full fine-tune REINFORCE update at batch 32/48: naive (full-vocab logits, default AdamW, b32)
       vs ours (action head, fused ops, regionally compiled decoder layers, fused AdamW);
       extra: vision encoder layers compiled too;
   (d) LoRA r=32 on all language-model linear layers, batch 32/64: naive peft (b32) vs ours (fused
-      LoRA + compiled decoder layers).
+      LoRA + compiled decoder layers); optional rows at b64 (rank-r product first, SigLIP layers
+      compiled), and b96 with whichever of them was faster at b64.
 Correctness first: ours and naive HF, each against an fp32 copy of the model (fp64 with --tiny),
 on one small batch; ours must be no farther from the reference than naive (see check_against_reference).
 
@@ -36,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -180,11 +183,6 @@ def naive_step(model, opt, pix, ids, mask, adv):
 
 
 # ----------------------------------------------------------------------------- harness
-def _with(ctx, fn):
-    with ctx:
-        return fn()
-
-
 class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
@@ -580,15 +578,34 @@ def copy_sources(fn, device, top_n: int = 10) -> dict | None:
                 gemm_ms=round(sum(us for us, _ in gemms) / 1e3, 1))
 
 
-def cudnn_attention():
-    """SDPA with cuDNN's attention kernel first (Hopper), falling back to flash / efficient / math."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _faster(row: dict, than: dict) -> bool:
+    """Whether ``row`` measured more samples/s than ``than`` (both measured in this run)."""
+    return row.get("status") == "ok" and than.get("status") == "ok" and row["samples_per_s"] > than["samples_per_s"]
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+@contextmanager
+def _options(model, options: dict[str, bool]):
+    """Inside, the optional speed-ups that measured faster at the smaller batch (``options[name]`` True) are on;
+    the largest-batch rows (sampling b512, LoRA b96: the best figures so far) run with them."""
+    on = {name for name, faster in options.items() if faster}
+    if "compiled KV write" in on:
+        openvla_fast.KV_WRITE = "compiled"
+    if "rank-r product first" in on:
+        fk.LORA_LOW_RANK_FIRST = True
+    if "SigLIP layers compiled" in on:
+        fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
     try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:  # older torch: no priority order
-        return sdpa_kernel(order)
+        yield
+    finally:
+        openvla_fast.KV_WRITE = "eager"
+        fk.LORA_LOW_RANK_FIRST = False
+        if "SigLIP layers compiled" in on:
+            fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
+
+
+def _options_note(options: dict[str, bool]) -> str:
+    on = [name for name, faster in options.items() if faster]
+    return ", + " + " + ".join(on) + " (faster at the smaller batch)" if on else ""
 
 
 def _record(bench, key, diagnose, device, fn) -> None:
@@ -762,34 +779,34 @@ def main(argv=None):
                       need_s=10 + b * 0.05, warmup=1, iters=3)
         del pix, ids, mask
     fused_ops(True)  # compiled element-wise ops for inputs >= 2048 rows (prefill at b>=8), eager below
+    sample_options: dict[str, bool] = {}  # optional speed-ups measured at the largest batch: True = it was faster
     note = "action head, in-place KV cache, last layer trimmed, fused ops >= 2048 rows"
     for b in sizes["sample"]:
         pix, ids, mask, _ = batch_of(b, False)
         bench.measure("sample", "ours (eager decode)", b,
                       lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV), fwd,
                       need_s=10 + b * 0.05, warmup=2, iters=3, note=note + ", eager decode")
-        bench.measure("sample", "ours + CUDA-graph decode", b,
-                      lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), fwd,
-                      need_s=10 + b * 0.05, warmup=2, iters=3, note=note + ", decode steps replayed as CUDA graphs")
+        graphs_row = bench.measure("sample", "ours + CUDA-graph decode", b,
+                                   lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
+                                   fwd, need_s=10 + b * 0.05, warmup=2, iters=3,
+                                   note=note + ", decode steps replayed as CUDA graphs")
+        if b == sizes["sample"][-1] and use_compile and not args.no_extras:
+            openvla_fast.KV_WRITE = "compiled"  # the prefill's K/V cache write as an inductor kernel
+            row = bench.measure("sample", "ours + CUDA graphs + compiled KV write", b,
+                                lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
+                                fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
+                                note="openvla_fast.KV_WRITE: the cache slice write vectorized by inductor")
+            openvla_fast.KV_WRITE = "eager"
+            sample_options["compiled KV write"] = _faster(row, graphs_row)
+            # the vision tower's element-wise ops, fused by inductor
+            fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
+            row = bench.measure("sample", "ours + CUDA graphs + SigLIP layers compiled", b,
+                                lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
+                                fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
+                                note="vision encoder layers regionally compiled (fixed shapes)")
+            fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
+            sample_options["SigLIP layers compiled"] = _faster(row, graphs_row)
         if b == sizes["sample"][-1]:
-            bench.measure("sample", "ours + CUDA graphs + cuDNN attention", b,
-                          lambda: _with(cudnn_attention(), lambda: sample_action_tokens(
-                              model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True)), fwd,
-                          need_s=10 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3, note="SDPA backend order: cuDNN first")
-            if use_compile and not args.no_extras:  # the prefill's K/V cache write as an inductor kernel
-                openvla_fast.KV_WRITE = "compiled"
-                bench.measure("sample", "ours + CUDA graphs + compiled KV write", b,
-                              lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
-                              fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
-                              note="openvla_fast.KV_WRITE: the cache slice write vectorized by inductor")
-                openvla_fast.KV_WRITE = "eager"
-                # the vision tower's element-wise ops, fused by inductor
-                fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
-                bench.measure("sample", "ours + CUDA graphs + SigLIP layers compiled", b,
-                              lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
-                              fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
-                              note="vision encoder layers regionally compiled (fixed shapes)")
-                fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
             bench.measure("sample", "prefill only (attribution)", b,
                           lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, num_tokens=1), fwd,
                           need_s=10 + RESERVE_TRAIN, warmup=1, iters=3,
@@ -800,14 +817,15 @@ def main(argv=None):
                 model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True))
         clear_decode_graphs()
         del pix, ids, mask
-    if not tiny:
-        b = 512
-        pix, ids, mask, _ = batch_of(b, False)
+    b = 512 if not tiny else 2 * sizes["sample"][-1]
+    pix, ids, mask, _ = batch_of(b, False)
+    with _options(model, sample_options):
         bench.measure("sample", "ours + CUDA-graph decode", b,
                       lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), fwd,
-                      need_s=40 + RESERVE_TRAIN, warmup=1, iters=3, note=note + ", decode steps replayed as CUDA graphs")
-        clear_decode_graphs()
-        del pix, ids, mask
+                      need_s=40 + RESERVE_TRAIN, warmup=1, iters=3,
+                      note=note + ", decode steps replayed as CUDA graphs" + _options_note(sample_options))
+    clear_decode_graphs()
+    del pix, ids, mask
     fused_ops(False)
 
     # (c) full fine-tune REINFORCE update ------------------------------------------------------------------
@@ -886,6 +904,7 @@ def main(argv=None):
         del pix, ids, mask, adv, opt
         pmodel.zero_grad(set_to_none=True)
         n_fused = fk.fuse_lora_linears(pmodel)
+        lora_options: dict[str, bool] = {}  # optional speed-ups measured at b64: True = it was faster
         opt = make_adamw(pmodel.parameters(), lr=1e-5)
         if use_compile:  # the last layer stays eager: its o_proj / MLP run on the 8 positions the head reads
             fk.compile_decoder_layers(pmodel, True, last_eager=True)
@@ -895,40 +914,39 @@ def main(argv=None):
         for b in sizes["lora"]:
             pix, ids, mask, adv = batch_of(b, True)
             rb = ReinforceBatch(pix, ids, mask, adv)
-            bench.measure("LoRA", "ours + compiled decoder layers", b,
-                          lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=25 + b * 0.2,
-                          warmup=2, note=f"{n_fused} fused LoRA linears (bf16 math, fp32 master), compiled layers, "
-                                         "last layer trimmed, fused AdamW")
+            base_row = bench.measure("LoRA", "ours + compiled decoder layers", b,
+                                     lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=25 + b * 0.2,
+                                     warmup=2, note=f"{n_fused} fused LoRA linears (bf16 math, fp32 master), compiled "
+                                                    "layers, last layer trimmed, fused AdamW")
             if b == sizes["lora"][-1]:
-                bench.measure("LoRA", "ours + cuDNN attention", b,
-                              lambda: _with(cudnn_attention(), lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV)),
-                              lora, need_s=25 + b * 0.2, warmup=2, note="SDPA backend order: cuDNN first")
                 _record_profile(bench, "profile_lora_b%d" % b, device,
                                 lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
                 _record_copy_sources(bench, "copy sources LoRA b%d" % b, device,
                                      lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
                 fk.LORA_LOW_RANK_FIRST = True
-                bench.measure("LoRA", "ours, rank-r product first (GEMM epilogue adds it)", b,
-                              lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                              need_s=25 + b * 0.2 + RESERVE_B96, warmup=2,
-                              note="fast_kernels.LORA_LOW_RANK_FIRST: one pass over each output less")
+                row = bench.measure("LoRA", "ours, rank-r product first (GEMM epilogue adds it)", b,
+                                    lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
+                                    need_s=25 + b * 0.2 + RESERVE_B96, warmup=2,
+                                    note="fast_kernels.LORA_LOW_RANK_FIRST: one pass over each output less")
                 fk.LORA_LOW_RANK_FIRST = False
+                lora_options["rank-r product first"] = _faster(row, base_row)
                 if use_compile and not args.no_extras:
                     fk.compile_decoder_layers(pmodel, True, suffixes=("EncoderLayer",))
-                    bench.measure("LoRA", "ours + SigLIP layers compiled", b,
-                                  lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                  need_s=30 + b * 0.2 + RESERVE_B96, warmup=2,
-                                  note="the frozen vision tower's layers regionally compiled too")
+                    row = bench.measure("LoRA", "ours + SigLIP layers compiled", b,
+                                        lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
+                                        need_s=30 + b * 0.2 + RESERVE_B96, warmup=2,
+                                        note="the frozen vision tower's layers regionally compiled too")
                     fk.compile_decoder_layers(pmodel, False, suffixes=("EncoderLayer",))
+                    lora_options["SigLIP layers compiled"] = _faster(row, base_row)
             del pix, ids, mask, adv, rb
-        if not tiny:
-            b = 96
-            pix, ids, mask, adv = batch_of(b, True)
-            rb = ReinforceBatch(pix, ids, mask, adv)
+        b = 96 if not tiny else sizes["lora"][-1] + 1
+        pix, ids, mask, adv = batch_of(b, True)
+        rb = ReinforceBatch(pix, ids, mask, adv)
+        with _options(pmodel, lora_options):
             bench.measure("LoRA", "ours + compiled decoder layers", b,
                           lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=40,
-                          warmup=2, note="as above, batch 96")
-            del pix, ids, mask, adv, rb
+                          warmup=2, note="as above" + _options_note(lora_options))
+        del pix, ids, mask, adv, rb
         fk.compile_decoder_layers(pmodel, False)
         fused_ops(False)
 

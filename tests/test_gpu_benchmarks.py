@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -43,3 +44,19 @@ def test_product_benchmark_runs_the_policy_path_with_speedups_off_and_on(tmp_pat
     assert meta["lora_params"] > 0 and meta["tokens_per_sample"] > 7
     # the rollout's recorded log-probs still match the learner's (lr 1e-7): the update ran on-policy data
     assert meta["behaviour_log_prob_gap_after_updates"] < 1e-3
+
+
+def test_largest_batch_rows_take_only_the_options_that_measured_faster():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_openvla as bench
+    from policies import fast_kernels, openvla_fast
+
+    ok = dict(status="ok", samples_per_s=10.0)
+    assert bench._faster(dict(ok, samples_per_s=11.0), ok) and not bench._faster(ok, ok)
+    assert not bench._faster(dict(status="OOM"), ok) and not bench._faster(ok, dict(status="skipped"))
+    options = {"compiled KV write": True, "rank-r product first": False}
+    with bench._options(torch.nn.Linear(2, 2), options):
+        assert openvla_fast.KV_WRITE == "compiled" and fast_kernels.LORA_LOW_RANK_FIRST is False
+    assert openvla_fast.KV_WRITE == "eager"
+    assert bench._options_note(options) == ", + compiled KV write (faster at the smaller batch)"
+    assert bench._options_note({"rank-r product first": False}) == ""
