@@ -7,7 +7,7 @@ teacher-forced log-prob rows and uncompiled training rows are in benchmarks/resu
       pre-allocated in-place KV cache (fused element-wise ops compiled only for inputs >= 2048 rows,
       so decode steps and batch-1 prefill run eager); optional rows at b256 (compiled KV write, SigLIP
       layers compiled), and b512 with whichever of them was faster at b256;
-  (c) full fine-tune REINFORCE update at batch 32/48: naive (full-vocab logits, default AdamW, b32)
+  (c) full fine-tune REINFORCE update at batch 32/48/64: naive (full-vocab logits, default AdamW, b32)
       vs ours (action head, fused ops, regionally compiled decoder layers, fused AdamW);
       extra: vision encoder layers compiled too;
   (d) LoRA r=32 on all language-model linear layers, batch 32/64: naive peft (b32) vs ours (fused
@@ -726,7 +726,7 @@ def main(argv=None):
     bench.meta.update(params=n_params, seq=seq, build_s=round(time.time() - t, 1))
     print(f"model built in {time.time() - t:.1f}s: {n_params / 1e9:.3f}B params, {seq} tokens/sample", flush=True)
     fwd, full, lora = (c * n_params * seq for c in (2, 6, 4))
-    sizes = dict(sample=[1, 64, 128, 256], full=[32, 48], lora=[32, 64]) if not tiny else \
+    sizes = dict(sample=[1, 64, 128, 256], full=[32, 48, 64], lora=[32, 64]) if not tiny else \
         dict(sample=[1, 4], full=[2, 3], lora=[2, 3])
     ACTION_IDS_DEV = ACTION_IDS.to(device)
 
