@@ -5,8 +5,8 @@ teacher-forced log-prob rows and uncompiled training rows are in benchmarks/resu
   (a) action sampling (actions/s = samples/s, one action = 7 tokens) at batch 1/64/128/256:
       naive ``model.generate(max_new_tokens=7, do_sample=True)`` vs ``sample_action_tokens`` with the
       pre-allocated in-place KV cache (fused element-wise ops compiled only for inputs >= 2048 rows,
-      so decode steps and batch-1 prefill run eager); optional rows at b256 (compiled KV write, SigLIP
-      layers compiled), and b512 with whichever of them was faster at b256;
+      so decode steps and batch-1 prefill run eager); optional rows at b256 (residual adds in the GEMM
+      epilogue, compiled KV write, SigLIP layers compiled), and b512 with whichever of them was faster;
   (c) full fine-tune REINFORCE update at batch 32/48/64: naive (full-vocab logits, default AdamW, b32)
       vs ours (action head, fused ops, regionally compiled decoder layers, fused AdamW);
       extra: vision encoder layers compiled too;
@@ -346,8 +346,18 @@ def check_against_reference(model, n_img, img, dtype, device, fused_ops):
                 lp_t, _ = action_token_log_probs(model, pix, full_ids, full_mask, ACTION_IDS)
                 lp_u, _ = action_token_log_probs(model, pix[2:], torch.cat([ids[2:], toks[2:]], 1), unpad_mask,
                                                  ACTION_IDS)
+                if name == "fused_ops":  # the benchmark switch of the residual-add row
+                    openvla_fast.RESIDUAL_EPILOGUE = True
+                    try:
+                        _, lp_e = sample_action_tokens(model, pix, ids_p, mask_p, ACTION_IDS, tokens=toks)
+                    finally:
+                        openvla_fast.RESIDUAL_EPILOGUE = False
             r = dict(sampler=_err(lp_s, lp_ref), teacher_forced=_err(lp_t, lp_ref),
                      teacher_forced_unpadded_rows23=_err(lp_u, lp_ref_u))
+            if name == "fused_ops":  # its own verdict: a failure here only drops that row
+                r["sampler_residual_adds_in_epilogue"] = _err(lp_e, lp_ref)
+                r["residual_adds_in_epilogue_pass"] = bool(_no_farther(r["sampler_residual_adds_in_epilogue"],
+                                                                       naive_inc, slack, eps))
             r["pass"] = bool(_no_farther(r["sampler"], naive_inc, slack, eps)
                              and _no_farther(r["teacher_forced"], naive_fwd, slack, eps)
                              and _no_farther(r["teacher_forced_unpadded_rows23"], naive_fwd, slack, eps))
@@ -590,6 +600,8 @@ def _options(model, options: dict[str, bool]):
     on = {name for name, faster in options.items() if faster}
     if "compiled KV write" in on:
         openvla_fast.KV_WRITE = "compiled"
+    if "residual adds in GEMM epilogue" in on:
+        openvla_fast.RESIDUAL_EPILOGUE = True
     if "rank-r product first" in on:
         fk.LORA_LOW_RANK_FIRST = True
     if "SigLIP layers compiled" in on:
@@ -598,6 +610,7 @@ def _options(model, options: dict[str, bool]):
         yield
     finally:
         openvla_fast.KV_WRITE = "eager"
+        openvla_fast.RESIDUAL_EPILOGUE = False
         fk.LORA_LOW_RANK_FIRST = False
         if "SigLIP layers compiled" in on:
             fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
@@ -790,6 +803,14 @@ def main(argv=None):
                                    lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
                                    fwd, need_s=10 + b * 0.05, warmup=2, iters=3,
                                    note=note + ", decode steps replayed as CUDA graphs")
+        if b == sizes["sample"][-1] and checks["numerics"].get("fused_ops", {}).get("residual_adds_in_epilogue_pass"):
+            openvla_fast.RESIDUAL_EPILOGUE = True
+            row = bench.measure("sample", "ours + CUDA graphs + residual adds in GEMM epilogue", b,
+                                lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
+                                fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
+                                note="openvla_fast.RESIDUAL_EPILOGUE: prefill o_proj / down_proj addmm_ into the stream")
+            openvla_fast.RESIDUAL_EPILOGUE = False
+            sample_options["residual adds in GEMM epilogue"] = _faster(row, graphs_row)
         if b == sizes["sample"][-1] and use_compile and not args.no_extras:
             openvla_fast.KV_WRITE = "compiled"  # the prefill's K/V cache write as an inductor kernel
             row = bench.measure("sample", "ours + CUDA graphs + compiled KV write", b,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from policies.fast_kernels import decoder_layers, uncompiled
+from policies.fast_kernels import decoder_layers, residual_adds_in_epilogue, uncompiled
 from vla_razor.policy import token_log_probs
 
 __all__ = [
@@ -81,6 +81,9 @@ KV_LAYOUT = "token"  # "token": buffer [B, max_len, H, D] (the projections' memo
 # unvectorized (~1 TB/s on an H200: GPU runs 4-6 saw 80 ms of such copies per b256 call, ~74 GB of them K/V);
 # "compiled" writes it with an inductor kernel instead. A benchmark switch until a GPU run measures it.
 KV_WRITE = "eager"
+# The prefill's residual adds inside the o_proj / down_proj GEMMs (fast_kernels.residual_adds_in_epilogue): ~114 GB of
+# element-wise traffic less per b256 call. A benchmark switch until a GPU run measures it.
+RESIDUAL_EPILOGUE = False
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -421,7 +424,8 @@ def sample_action_tokens(
         cache_arg[cache_name] = graphs.cache
     elif kv_cache == "static":
         cache_arg[cache_name] = PreallocatedKVCache(_num_text_layers(body), input_ids.shape[1] + num_tokens - 1)
-    with last_layer_rows(body, 1, input_ids.shape[1]) if trim_last_layer else nullcontext():
+    with (last_layer_rows(body, 1, input_ids.shape[1]) if trim_last_layer else nullcontext(),
+          residual_adds_in_epilogue(body) if RESIDUAL_EPILOGUE else nullcontext()):
         out = body(
             pixel_values=pixel_values,
             input_ids=input_ids,

@@ -26,9 +26,11 @@ def _run(script: str, out: Path) -> dict:
 def test_llava_benchmark_runs_every_row_and_its_checks_pass(tmp_path):
     results = _run("gpu_openvla.py", tmp_path)
     variants = {row["variant"] for row in results["rows"]}
-    assert {"naive generate", "ours (eager decode)", "ours, rank-r product first (GEMM epilogue adds it)"} <= variants
+    assert {"naive generate", "ours (eager decode)", "ours, rank-r product first (GEMM epilogue adds it)",
+            "ours + CUDA graphs + residual adds in GEMM epilogue"} <= variants
     checks = results["meta"]["checks"]
     assert checks["numerics"]["pass"] and checks["fused_lora"]["pass"]
+    assert checks["numerics"]["fused_ops"]["residual_adds_in_epilogue_pass"]
     assert "low_rank_first_logp_err" in checks["fused_lora"]
     # the op-level diagnosis (CPU time here): the LoRA step's GEMMs parsed with their shapes and rates
     lora_ops = results["meta"]["copy sources LoRA b3"]

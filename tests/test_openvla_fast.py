@@ -233,6 +233,42 @@ def test_compiled_lora_linear_matches_eager_and_copies_no_output(monkeypatch, lo
     assert output_copies(compiled) == output_copies(loss) == (1 if with_bias else 0)
 
 
+@pytest.mark.parametrize("pad,lora", [(0, False), (2, False), (0, True)])
+def test_residual_adds_in_gemm_epilogue_keep_the_sampler(model, monkeypatch, pad, lora):
+    from policies import openvla_fast
+
+    if lora:  # o_proj and down_proj as fused LoRA linears (the product's LoRA rollouts)
+        peft = pytest.importorskip("peft")
+        import copy
+
+        model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|o_proj|down_proj)"))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)
+        assert fk.fuse_lora_linears(model) == 6
+    o_proj_forward = fk.decoder_layers(model)[0].self_attn.o_proj.__dict__.get("forward")
+    pix, ids, mask = _prompt(3, seed=12)
+    if pad:
+        ids, mask = _left_pad(ids, mask, pad)
+        mask[0, :pad] = 1
+    fused = []
+    accumulate = fk._accumulate_linear
+    monkeypatch.setattr(fk, "_accumulate_linear", lambda *a: fused.append(accumulate(*a)) or fused[-1])
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(openvla_fast, "RESIDUAL_EPILOGUE", on)
+        runs[on] = sample_action_tokens(model, pix, ids, mask, ACTION_IDS, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=1e-5, rtol=0)
+    # o_proj and down_proj of every layer but the trimmed last one, in the prefill only
+    assert fused == [True] * 2 * (len(fk.decoder_layers(model)) - 1)
+    # every forward restored: the layer's (the class's) and o_proj's (the class's, or the fused LoRA one)
+    layer = fk.decoder_layers(model)[0]
+    assert "forward" not in layer.__dict__
+    assert layer.self_attn.o_proj.__dict__.get("forward") is o_proj_forward
+
+
 def test_trimmed_last_layer_gives_the_same_log_probs_and_gradients(model):
     from policies.openvla_fast import _body, last_layer_rows
 
