@@ -63,8 +63,8 @@ from policies.openvla_fast import (  # noqa: E402
 )
 
 PEAK_FLOPS = 790e12
-RESERVE_TRAIN = 130  # seconds the main (c)+(d) rows need; optional rows before them leave this
-RESERVE_LORA = 50
+RESERVE_TRAIN = 150  # s the main (c)+(d) rows need (run 4: ~120; + full-FT b64, profiles); optional rows leave it
+RESERVE_LORA = 80  # the LoRA section (run 4: ~55 s; + its diagnosis and option rows)
 RESERVE_B96 = 45  # the LoRA batch-96 row (the best LoRA figure so far) after the optional LoRA rows
 IMAGE_TOKEN = 32000
 ACTION_IDS = torch.arange(31744, 32000)
