@@ -371,6 +371,78 @@ def check_against_reference(model, n_img, img, dtype, device, fused_ops):
     return res
 
 
+LORA_LINEARS = {"q/k/v/o": (4096, 4096, 4), "gate/up": (4096, 11008, 2), "down": (11008, 4096, 1)}  # in, out, per layer
+
+
+def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA_LINEARS, layers: int = 32,
+                     split: int = 8, iters: int = 10) -> dict:
+    """The rank-r products of one LoRA step, timed alone per linear shape: each moves a whole ``[rows, in]`` or
+    ``[rows, out]`` activation for few FLOPs, so the measure is GB/s against the memory roofline (~4.8 TB/s on an
+    H200). The weight-gradient products (``dyb^T x``, ``dy^T xa``) have a tiny ``[r, in]`` output and a long
+    reduction; ``split``-way reduction (batched products + a sum) is timed beside cuBLAS's own choice.
+    Returns ms per op and shape, and the step's total (x linears per layer x layers) for each variant."""
+    cuda = device.type == "cuda"
+
+    def time_ms(fn) -> float:
+        for _ in range(3):
+            fn()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / iters
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) * 1e3 / iters
+
+    g = torch.Generator(device=device).manual_seed(0)
+    out: dict = {"rows": rows, "r": r, "split": split}
+    totals: dict[str, float] = {}
+    for name, (d_in, d_out, per_layer) in linears.items():
+        def rand(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+        x, dy, y, dx = rand(rows, d_in), rand(rows, d_out), rand(rows, d_out), rand(rows, d_in)
+        a, b, xa, dyb = rand(r, d_in), rand(d_out, r), rand(rows, r), rand(rows, r)
+        size = x.element_size()
+        act_in, act_out = rows * d_in * size, rows * d_out * size
+        ops = {  # name: (fn, bytes moved)
+            "xa = x A^T": (lambda: x @ a.t(), act_in),
+            "y += xa B^T (in place)": (lambda: y.addmm_(xa, b.t()), 2 * act_out),
+            "xa B^T (rank-r first)": (lambda: xa @ b.t(), act_out),
+            "dyb = dy B": (lambda: dy @ b, act_out),
+            "dx += dyb A (in place)": (lambda: dx.addmm_(dyb, a), 2 * act_in),
+            "grad A = dyb^T x": (lambda: dyb.t() @ x, act_in),
+            "grad B = dy^T xa": (lambda: dy.t() @ xa, act_out),
+        }
+        if rows % split == 0:
+            ops[f"grad A, {split}-way split"] = (
+                lambda: torch.bmm(dyb.view(split, -1, r).transpose(1, 2), x.view(split, -1, d_in)).sum(0), act_in)
+            ops[f"grad B, {split}-way split"] = (
+                lambda: torch.bmm(dy.view(split, -1, d_out).transpose(1, 2), xa.view(split, -1, r)).sum(0), act_out)
+        row = {}
+        if rows % split == 0:  # the same gradients either way (up to summation order)
+            err = max(float((ops[f"grad {m}, {split}-way split"][0]() - ops[f"grad {m} = {e}"][0]()).abs().max()
+                            / ops[f"grad {m} = {e}"][0]().abs().max()) for m, e in (("A", "dyb^T x"), ("B", "dy^T xa")))
+            row["split_max_rel_err"] = err
+        for op, (fn, moved) in ops.items():
+            ms = time_ms(fn)
+            row[op] = dict(ms=round(ms, 4), gb_per_s=round(moved / ms / 1e6, 1))
+            totals[op] = totals.get(op, 0.0) + ms * per_layer * layers
+        out[f"{name} ({d_in}->{d_out})"] = row
+        del x, dy, y, dx, a, b, xa, dyb
+    default = ("xa = x A^T", "y += xa B^T (in place)", "dyb = dy B", "dx += dyb A (in place)", "grad A = dyb^T x",
+               "grad B = dy^T xa")
+    out["step_ms"] = {op: round(ms, 2) for op, ms in totals.items()}
+    out["step_ms_default_total"] = round(sum(totals[op] for op in default), 2)
+    return out
+
+
 def count_host_syncs(fn) -> int | None:
     """Number of host-device synchronisations `fn` triggers (CUDA only; torch's sync debug mode)."""
     if not torch.cuda.is_available():
@@ -944,6 +1016,11 @@ def main(argv=None):
                                 lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
                 _record_copy_sources(bench, "copy sources LoRA b%d" % b, device,
                                      lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
+                small = dict(linears=LORA_LINEARS, layers=32) if not tiny else dict(
+                    linears={"q/k/v/o": (64, 64, 4), "gate/up": (64, 128, 2), "down": (128, 64, 1)}, layers=2, r=4,
+                    split=b)
+                _record(bench, "LoRA rank-r products b%d" % b,
+                        lambda fn, dev: lora_small_gemms(dev, dtype, rows=b * seq, **small), device, None)
                 fk.LORA_LOW_RANK_FIRST = True
                 row = bench.measure("LoRA", "ours, rank-r product first (GEMM epilogue adds it)", b,
                                     lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
