@@ -937,9 +937,7 @@ def main(argv=None):
     if use_compile:  # inductor fuses the element-wise ops inside the compiled layers itself (as in run 1); the last
         # layer stays eager so its o_proj / MLP run on the 8 positions the head reads (as LoRA and the product path)
         fk.compile_decoder_layers(model, True, last_eager=True)
-        contiguous_vision(True)
-    else:
-        fused_ops(True)
+    fused_ops(True)  # the eager last layer's norm / rotary / SwiGLU, as the product path (apply_speedups) has them
     for b in sizes["full"]:
         pix, ids, mask, adv = batch_of(b, True)
         rb = ReinforceBatch(pix, ids, mask, adv)
@@ -1001,9 +999,7 @@ def main(argv=None):
         opt = make_adamw(pmodel.parameters(), lr=1e-5)
         if use_compile:  # the last layer stays eager: its o_proj / MLP run on the 8 positions the head reads
             fk.compile_decoder_layers(pmodel, True, last_eager=True)
-            contiguous_vision(True)
-        else:
-            fused_ops(True)
+        fused_ops(True)  # the eager last layer's element-wise ops, as in the product path
         for b in sizes["lora"]:
             pix, ids, mask, adv = batch_of(b, True)
             rb = ReinforceBatch(pix, ids, mask, adv)
