@@ -18,6 +18,7 @@ checkpoints and peft adapters are unaffected; each is reversible.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Iterator
@@ -334,18 +335,11 @@ def _accumulate_linear(module, x: torch.Tensor, out2: torch.Tensor) -> bool:
 
 
 @contextmanager
-def _accumulating_into(module: torch.nn.Module, residual: torch.Tensor) -> Iterator[None]:
-    """Inside, ``module(x)`` adds its output to ``residual`` in place and returns ``residual``."""
-    out2 = residual.view(-1, residual.shape[-1])
-    own = module.__dict__.get("forward")  # an instance-level forward (a fused LoRA linear) or None (the class's)
-    regular = own if own is not None else module.forward
-
-    def forward(x, *args, **kwargs):
-        if args or kwargs or not _accumulate_linear(module, x, out2):
-            out2.add_(regular(x, *args, **kwargs).reshape(out2.shape))
-        return residual
-
-    module.forward = forward
+def _forward_replaced(module: torch.nn.Module, make_forward) -> Iterator[None]:
+    """Inside, ``module``'s forward is ``make_forward(regular)``, ``regular`` being the forward it had (an
+    instance-level one, e.g. a fused LoRA linear's, or its class's); restored on exit."""
+    own = module.__dict__.get("forward")
+    module.forward = make_forward(own if own is not None else module.forward)
     try:
         yield
     finally:
@@ -353,6 +347,21 @@ def _accumulating_into(module: torch.nn.Module, residual: torch.Tensor) -> Itera
             del module.forward
         else:
             module.forward = own
+
+
+def _accumulating_into(module: torch.nn.Module, residual: torch.Tensor):
+    """Context: inside, ``module(x)`` adds its output to ``residual`` in place and returns ``residual``."""
+    out2 = residual.view(-1, residual.shape[-1])
+
+    def make_forward(regular):
+        def forward(x, *args, **kwargs):
+            if args or kwargs or not _accumulate_linear(module, x, out2):
+                out2.add_(regular(x, *args, **kwargs).reshape(out2.shape))
+            return residual
+
+        return forward
+
+    return _forward_replaced(module, make_forward)
 
 
 def _epilogue_layer_forward(layer, regular, hidden_states, *args, **kwargs):
@@ -390,24 +399,15 @@ def residual_adds_in_epilogue(model) -> Iterator[None]:
     (``_tail_rows``), called with grad enabled or with positional extras run their own forward. Needs transformers'
     tensor-returning decoder layers (>= 4.56).
     """
-    patched = []
-    for layer in decoder_layers(model) if _layers_return_tensors() else ():
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        parts = (getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None),
-                 getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
-        if any(part is None for part in parts):
-            continue
-        own = layer.__dict__.get("forward")
-        layer.forward = functools.partial(_epilogue_layer_forward, layer, own if own is not None else layer.forward)
-        patched.append((layer, own))
-    try:
+    with contextlib.ExitStack() as stack:
+        for layer in decoder_layers(model) if _layers_return_tensors() else ():
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            parts = (getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None),
+                     getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+            if all(part is not None for part in parts):
+                stack.enter_context(_forward_replaced(
+                    layer, lambda regular, layer=layer: functools.partial(_epilogue_layer_forward, layer, regular)))
         yield
-    finally:
-        for layer, own in patched:
-            if own is None:
-                del layer.forward
-            else:
-                layer.forward = own
 
 
 @contextmanager
