@@ -18,11 +18,10 @@ checkpoints and peft adapters are unaffected; each is reversible.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -399,7 +398,7 @@ def residual_adds_in_epilogue(model) -> Iterator[None]:
     (``_tail_rows``), called with grad enabled or with positional extras run their own forward. Needs transformers'
     tensor-returning decoder layers (>= 4.56).
     """
-    with contextlib.ExitStack() as stack:
+    with ExitStack() as stack:
         for layer in decoder_layers(model) if _layers_return_tensors() else ():
             attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
             parts = (getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None),
