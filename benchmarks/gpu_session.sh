@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (<= 9.5 min; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
-# targets, the numerics and CUDA-graph checks, copy-kernel sources, the LoRA GEMM-order row), then the product path
-# (native OpenVLA build through openvla_policy, speed-ups off vs on). Figures go to $OUT (or ./bench_out).
-# Usage (device tool): command "bash benchmarks/gpu_session.sh", carry [".device_vendor"], timeout_s 600.
+# targets, the numerics and CUDA-graph checks, op-level copy / GEMM sources, the optional speed-up rows and the
+# largest batches with the faster ones), then the product path (native OpenVLA build through openvla_policy,
+# speed-ups off vs on). Figures go to $OUT (or ./bench_out).
+# Usage (device tool): first `bash scripts/device_vendor.sh` here, then command "bash benchmarks/gpu_session.sh",
+# kind "nvidia-h200" (the targets are an H200's; full FT b48 / LoRA b96 need > 80 GiB), carry [".device_vendor"],
+# timeout_s 600.
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
