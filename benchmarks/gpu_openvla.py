@@ -11,8 +11,8 @@ teacher-forced log-prob rows and uncompiled training rows are in benchmarks/resu
       vs ours (action head, fused ops, regionally compiled decoder layers, fused AdamW);
       extra: vision encoder layers compiled too;
   (d) LoRA r=32 on all language-model linear layers, batch 32/64: naive peft (b32) vs ours (fused
-      LoRA + compiled decoder layers); optional rows at b64 (rank-r product first, SigLIP layers
-      compiled), and b96 with whichever of them was faster at b64.
+      LoRA + compiled decoder layers); optional rows at b64 (rank-r product first, adapter gradients
+      split 8 ways, SigLIP layers compiled), and b96 with whichever of them was faster at b64.
 Correctness first: ours and naive HF, each against an fp32 copy of the model (fp64 with --tiny),
 on one small batch; ours must be no farther from the reference than naive (see check_against_reference).
 
@@ -65,6 +65,7 @@ from policies.openvla_fast import (  # noqa: E402
 PEAK_FLOPS = 790e12
 RESERVE_TRAIN = 150  # s the main (c)+(d) rows need (run 4: ~120; + full-FT b64, profiles); optional rows leave it
 RESERVE_LORA = 80  # the LoRA section (run 4: ~55 s; + its diagnosis and option rows)
+LORA_GRAD_SPLIT = 8  # the split of the adapter-gradient row (N = batch x 284 rows: 8 divides every even batch)
 RESERVE_B96 = 45  # the LoRA batch-96 row (the best LoRA figure so far) after the optional LoRA rows
 IMAGE_TOKEN = 32000
 ACTION_IDS = torch.arange(31744, 32000)
@@ -676,6 +677,8 @@ def _options(model, options: dict[str, bool]):
         openvla_fast.RESIDUAL_EPILOGUE = True
     if "rank-r product first" in on:
         fk.LORA_LOW_RANK_FIRST = True
+    if "adapter gradients split" in on:
+        fk.LORA_GRAD_SPLIT = LORA_GRAD_SPLIT
     if "SigLIP layers compiled" in on:
         fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
     try:
@@ -684,6 +687,7 @@ def _options(model, options: dict[str, bool]):
         openvla_fast.KV_WRITE = "eager"
         openvla_fast.RESIDUAL_EPILOGUE = False
         fk.LORA_LOW_RANK_FIRST = False
+        fk.LORA_GRAD_SPLIT = 1
         if "SigLIP layers compiled" in on:
             fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
 
@@ -1012,9 +1016,9 @@ def main(argv=None):
                                 lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
                 _record_copy_sources(bench, "copy sources LoRA b%d" % b, device,
                                      lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
-                small = dict(linears=LORA_LINEARS, layers=32) if not tiny else dict(
+                small = dict(linears=LORA_LINEARS, layers=32, split=LORA_GRAD_SPLIT) if not tiny else dict(
                     linears={"q/k/v/o": (64, 64, 4), "gate/up": (64, 128, 2), "down": (128, 64, 1)}, layers=2, r=4,
-                    split=b)
+                    split=4)
                 _record(bench, "LoRA rank-r products b%d" % b,
                         lambda fn, dev: lora_small_gemms(dev, dtype, rows=b * seq, **small), device, None)
                 fk.LORA_LOW_RANK_FIRST = True
@@ -1024,6 +1028,13 @@ def main(argv=None):
                                     note="fast_kernels.LORA_LOW_RANK_FIRST: one pass over each output less")
                 fk.LORA_LOW_RANK_FIRST = False
                 lora_options["rank-r product first"] = _faster(row, base_row)
+                fk.LORA_GRAD_SPLIT = LORA_GRAD_SPLIT
+                row = bench.measure("LoRA", f"ours, adapter gradients split {LORA_GRAD_SPLIT} ways", b,
+                                    lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
+                                    need_s=25 + b * 0.2 + RESERVE_B96, warmup=2,
+                                    note="fast_kernels.LORA_GRAD_SPLIT: batched partial products + a float32 sum")
+                fk.LORA_GRAD_SPLIT = 1
+                lora_options["adapter gradients split"] = _faster(row, base_row)
                 if use_compile and not args.no_extras:
                     fk.compile_decoder_layers(pmodel, True, suffixes=("EncoderLayer",))
                     row = bench.measure("LoRA", "ours + SigLIP layers compiled", b,

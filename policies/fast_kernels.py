@@ -130,9 +130,41 @@ def enable_fused_llama_ops(enable: bool = True, compile: bool = True, min_rows: 
 
 
 LORA_LOW_RANK_FIRST = False  # benchmark switch, see _plus_low_rank; off until measured on a GPU
+LORA_GRAD_SPLIT = 1  # benchmark switch, see _adapter_grad: k > 1 splits the adapters' gradient reductions k ways
 
 
-def _plus_low_rank_eager(x2, weight, low_rank_in, low_rank_w, scaling: float, bias=None):
+def _opaque_when_compiled(name: str, fake):
+    """Decorator: ``fn`` runs as itself in eager code and as the opaque custom op ``vla_razor::<name>`` inside
+    ``torch.compile``: inductor then neither functionalises its in-place steps (an ``addmm_`` would become an
+    out-of-place ``addmm`` that first copies its whole accumulator) nor bakes the module switches it reads into the
+    graph (they keep working after compilation). ``fake(*args)`` gives the output's shape and dtype. Eager calls
+    skip the custom op's dispatch cost (the sampler makes ~1500 per call)."""
+
+    def wrap(fn):
+        op = torch.library.custom_op(f"vla_razor::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        return call
+
+    return wrap
+
+
+@_opaque_when_compiled("plus_low_rank", lambda x2, weight, *_: x2.new_empty((x2.shape[0], weight.shape[1])))
+def _plus_low_rank(x2: torch.Tensor, weight: torch.Tensor, low_rank_in: torch.Tensor, low_rank_w: torch.Tensor,
+                   scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 W (+ bias) + s (low_rank_in low_rank_w)`` (``[N, k] [k, m] + [N, r] [r, m]``), one product accumulated
+    into the other in place (``addmm_``: the GEMM's beta=1 epilogue, no separate add pass).
+
+    Default: the big product, then the rank-r product accumulated into it (a memory-bound pass that reads and
+    writes the whole ``[N, m]`` output). :data:`LORA_LOW_RANK_FIRST`: the rank-r product first, then the big
+    product adds it in its epilogue - the read hides under the compute-bound GEMM, one output pass less.
+    Compiled, the functionalised ``addmm`` copied the accumulator once per LoRA projection, forward and backward:
+    the 42 ms "Memcpy DtoD" of a 7B LoRA step at batch 64 (hence the opaque op).
+    """
     if LORA_LOW_RANK_FIRST:
         out = low_rank_in @ (low_rank_w * scaling) if bias is None else torch.addmm(bias, low_rank_in, low_rank_w,
                                                                                     alpha=scaling)
@@ -141,33 +173,18 @@ def _plus_low_rank_eager(x2, weight, low_rank_in, low_rank_w, scaling: float, bi
     return out.addmm_(low_rank_in, low_rank_w, alpha=scaling)
 
 
-@torch.library.custom_op("vla_razor::plus_low_rank", mutates_args=())
-def _plus_low_rank_op(x2: torch.Tensor, weight: torch.Tensor, low_rank_in: torch.Tensor, low_rank_w: torch.Tensor,
-                      scaling: float, bias: torch.Tensor | None) -> torch.Tensor:
-    return _plus_low_rank_eager(x2, weight, low_rank_in, low_rank_w, scaling, bias)
-
-
-@_plus_low_rank_op.register_fake
-def _(x2, weight, low_rank_in, low_rank_w, scaling, bias):
-    return x2.new_empty((x2.shape[0], weight.shape[1]))
-
-
-def _plus_low_rank(x2, weight, low_rank_in, low_rank_w, scaling: float, bias=None):
-    """``x2 W (+ bias) + s (low_rank_in low_rank_w)`` (``[N, k] [k, m] + [N, r] [r, m]``), one product accumulated
-    into the other in place (``addmm_``: the GEMM's beta=1 epilogue, no separate add pass).
-
-    Default: the big product, then the rank-r product accumulated into it (a memory-bound pass that reads and
-    writes the whole ``[N, m]`` output). :data:`LORA_LOW_RANK_FIRST`: the rank-r product first, then the big
-    product adds it in its epilogue - the read hides under the compute-bound GEMM, one output pass less.
-
-    Inside ``torch.compile`` the in-place ``addmm_`` would be functionalised into an out-of-place ``addmm`` whose
-    kernel first copies the whole ``[N, m]`` accumulator into a fresh output (measured: one copy per LoRA projection,
-    forward and backward - the 42 ms "Memcpy DtoD" of a 7B LoRA step at batch 64); there the pair runs as one opaque
-    custom op, in place inside. Eager calls skip the custom op's dispatch cost (the sampler calls this ~1500 times).
+@_opaque_when_compiled("adapter_grad", lambda left, right: left.new_empty((left.shape[1], right.shape[1])))
+def _adapter_grad(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left^T right`` (``[N, p]``, ``[N, q]`` -> ``[p, q]``): an adapter's weight gradient, a long reduction over the
+    N = batch x tokens rows into a tiny output (p or q is the rank). :data:`LORA_GRAD_SPLIT` = k > 1 (N divisible by
+    k): k batched products over N/k rows each, summed in float32 - k times the output tiles for the GPU to spread, in
+    case the library's own choice leaves most of it idle (``benchmarks/gpu_openvla.py`` times both).
     """
-    if torch.compiler.is_compiling():
-        return _plus_low_rank_op(x2, weight, low_rank_in, low_rank_w, scaling, bias)
-    return _plus_low_rank_eager(x2, weight, low_rank_in, low_rank_w, scaling, bias)
+    k, n = LORA_GRAD_SPLIT, left.shape[0]
+    if k > 1 and n % k == 0:
+        parts = torch.bmm(left.view(k, n // k, -1).transpose(1, 2), right.view(k, n // k, -1))
+        return parts.sum(0, dtype=torch.float32).to(left.dtype)
+    return left.t() @ right
 
 
 class _LoRALinearFn(torch.autograd.Function):
@@ -197,9 +214,9 @@ class _LoRALinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _plus_low_rank(dy2, weight, dyb, a, s).view(ctx.x_shape)  # [N, in]
         if ctx.needs_input_grad[3]:
-            grad_a = (dyb.t() @ x2).mul_(s).to(ctx.dtypes[0])  # [r, in]
+            grad_a = _adapter_grad(dyb, x2).mul_(s).to(ctx.dtypes[0])  # [r, in]
         if ctx.needs_input_grad[4]:
-            grad_b = (dy2.t() @ xa).mul_(s).to(ctx.dtypes[1])  # [out, r]
+            grad_b = _adapter_grad(dy2, xa).mul_(s).to(ctx.dtypes[1])  # [out, r]
         return dx, None, None, grad_a, grad_b, None
 
 

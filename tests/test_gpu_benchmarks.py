@@ -27,7 +27,7 @@ def test_llava_benchmark_runs_every_row_and_its_checks_pass(tmp_path):
     results = _run("gpu_openvla.py", tmp_path)
     variants = {row["variant"] for row in results["rows"]}
     assert {"naive generate", "ours (eager decode)", "ours, rank-r product first (GEMM epilogue adds it)",
-            "ours + CUDA graphs + residual adds in GEMM epilogue"} <= variants
+            "ours, adapter gradients split 8 ways", "ours + CUDA graphs + residual adds in GEMM epilogue"} <= variants
     checks = results["meta"]["checks"]
     assert checks["numerics"]["pass"] and checks["fused_lora"]["pass"]
     assert checks["numerics"]["fused_ops"]["residual_adds_in_epilogue_pass"]
@@ -58,9 +58,11 @@ def test_largest_batch_rows_take_only_the_options_that_measured_faster():
     ok = dict(status="ok", samples_per_s=10.0)
     assert bench._faster(dict(ok, samples_per_s=11.0), ok) and not bench._faster(ok, ok)
     assert not bench._faster(dict(status="OOM"), ok) and not bench._faster(ok, dict(status="skipped"))
-    options = {"compiled KV write": True, "rank-r product first": False}
+    options = {"compiled KV write": True, "rank-r product first": False, "adapter gradients split": True}
     with bench._options(torch.nn.Linear(2, 2), options):
         assert openvla_fast.KV_WRITE == "compiled" and fast_kernels.LORA_LOW_RANK_FIRST is False
-    assert openvla_fast.KV_WRITE == "eager"
-    assert bench._options_note(options) == ", + compiled KV write (faster at the smaller batch)"
+        assert fast_kernels.LORA_GRAD_SPLIT == bench.LORA_GRAD_SPLIT > 1
+    assert openvla_fast.KV_WRITE == "eager" and fast_kernels.LORA_GRAD_SPLIT == 1
+    assert bench._options_note(options) == (", + compiled KV write + adapter gradients split"
+                                            " (faster at the smaller batch)")
     assert bench._options_note({"rank-r product first": False}) == ""

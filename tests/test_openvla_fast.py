@@ -196,14 +196,16 @@ def test_fused_lora_matches_peft(model, monkeypatch, low_rank_first):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("low_rank_first", [False, True])
+@pytest.mark.parametrize("low_rank_first,grad_split", [(False, 1), (True, 1), (False, 4)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_compiled_lora_linear_matches_eager_and_copies_no_output(monkeypatch, low_rank_first, with_bias):
+def test_compiled_lora_linear_matches_eager_and_copies_no_output(monkeypatch, low_rank_first, grad_split, with_bias):
     """Under torch.compile the in-place accumulate must stay in place: a functionalised ``addmm`` copies the
-    whole [N, out] accumulator first (one copy per projection, forward and backward)."""
+    whole [N, out] accumulator first (one copy per projection, forward and backward). Every GEMM order and
+    gradient split gives the same values, compiled or not."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setattr(fk, "LORA_LOW_RANK_FIRST", low_rank_first)
+    monkeypatch.setattr(fk, "LORA_GRAD_SPLIT", grad_split)
     g = torch.Generator().manual_seed(11)
     n_rows, d_in, d_out, r = 48, 32, 40, 4
     weight = torch.randn(d_out, d_in, generator=g) / 6
@@ -226,9 +228,14 @@ def test_compiled_lora_linear_matches_eager_and_copies_no_output(monkeypatch, lo
         return sum(ev.count for ev in prof.key_averages(group_by_input_shape=True)
                    if ev.key == "aten::copy_" and ev.input_shapes and ev.input_shapes[0] in ([n_rows, d_out], [n_rows, d_in]))
 
+    with monkeypatch.context() as plain:  # the plain order and reduction, eager: the reference values
+        plain.setattr(fk, "LORA_LOW_RANK_FIRST", False)
+        plain.setattr(fk, "LORA_GRAD_SPLIT", 1)
+        want = grads(loss)
     compiled = torch.compile(loss, fullgraph=True)
-    for got, want in zip(grads(compiled), grads(loss)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for fn in (compiled, loss):
+        for got, ref in zip(grads(fn), want):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # eager copies only where the CPU kernel broadcasts a bias into its output (CUDA adds it in the epilogue)
     assert output_copies(compiled) == output_copies(loss) == (1 if with_bias else 0)
 
