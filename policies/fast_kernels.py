@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -141,8 +142,12 @@ def _opaque_when_compiled(name: str, fake):
     skip the custom op's dispatch cost (the sampler makes ~1500 per call)."""
 
     def wrap(fn):
-        op = torch.library.custom_op(f"vla_razor::{name}", mutates_args=())(fn)
-        op.register_fake(fake)
+        try:
+            op = torch.library.custom_op(f"vla_razor::{name}", mutates_args=())(fn)
+            op.register_fake(fake)
+        except Exception as err:  # e.g. a torch whose schema inference rejects these annotations: traced as is
+            warnings.warn(f"fast_kernels: {name} runs traced inside torch.compile ({type(err).__name__}: {err})")
+            return fn
 
         @functools.wraps(fn)
         def call(*args):
