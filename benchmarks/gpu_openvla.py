@@ -615,6 +615,21 @@ def _gemm_flops(key: str, shapes: list) -> float:
     return 2.0 * batch * a[-2] * a[-1] * b[-1]
 
 
+def _caller(event, frames: int = 3) -> str:
+    """Where a profiled op came from: the nearest Python frames above it outside torch (the profiler's parent events;
+    its ``stack`` field stays empty without verbose mode), or, for an op of the backward pass, the autograd node."""
+    found = []
+    parent = event.cpu_parent
+    while parent is not None and len(found) < frames:
+        name = parent.name
+        if name.startswith("autograd::engine::evaluate_function"):
+            return name.split(": ", 1)[-1] + (" <- " + " <- ".join(found) if found else "")
+        if "): " in name and not name.startswith(("torch/", "<built-in")) and "/torch/" not in name:
+            found.append(name)
+        parent = parent.cpu_parent
+    return " <- ".join(found) or "?"
+
+
 def copy_sources(fn, device, top_n: int = 10) -> dict | None:
     """Which CPU ops (with input shapes and the Python lines above them) launched the copy kernels of one call of
     ``fn``, and the GEMMs by shape with their TFLOP/s: runs 4-6 saw ~80 ms of strided ``direct_copy_kernel`` per
@@ -636,15 +651,17 @@ def copy_sources(fn, device, top_n: int = 10) -> dict | None:
         fn()
         if cuda:
             torch.cuda.synchronize()
-    copies = []
-    for ev in prof.key_averages(group_by_input_shape=True, group_by_stack_n=6):
-        if ev.key not in COPY_OPS:
+    by_source: dict[tuple, list] = {}  # (op, shapes, where) -> [us, count]
+    for ev in prof.events():
+        if ev.name not in COPY_OPS:
             continue
-        us = op_us(ev)
-        if us <= 0:
-            continue
-        here = [frame for frame in (ev.stack or []) if "torch/" not in frame][:3]
-        copies.append((us, f"{us / 1e3:.1f} ms x{ev.count} {ev.key} {str(ev.input_shapes)[:140]} <- {' <- '.join(here)}"))
+        us = _device_us(ev, "device_time_total") if cuda else ev.cpu_time_total
+        if us > 0:
+            entry = by_source.setdefault((ev.name, str(ev.input_shapes)[:140], _caller(ev)), [0.0, 0])
+            entry[0] += us
+            entry[1] += 1
+    copies = [(us, f"{us / 1e3:.1f} ms x{count} {op} {shapes} <- {where}")
+              for (op, shapes, where), (us, count) in by_source.items()]
     gemms = []
     for ev in prof.key_averages(group_by_input_shape=True):
         us = op_us(ev)
