@@ -6,13 +6,14 @@ teacher-forced log-prob rows and uncompiled training rows are in benchmarks/resu
       naive ``model.generate(max_new_tokens=7, do_sample=True)`` vs ``sample_action_tokens`` with the
       pre-allocated in-place KV cache (fused element-wise ops compiled only for inputs >= 2048 rows,
       so decode steps and batch-1 prefill run eager); optional rows at b256 (residual adds in the GEMM
-      epilogue, compiled KV write, SigLIP layers compiled), and b512 with whichever of them was faster;
+      epilogue, compiled KV write, SigLIP layers compiled, cuBLASLt GEMMs), and b512 with whichever of them
+      was faster;
   (c) full fine-tune REINFORCE update at batch 32/48/64: naive (full-vocab logits, default AdamW, b32)
       vs ours (action head, fused ops, regionally compiled decoder layers, fused AdamW);
       extra: vision encoder layers compiled too;
   (d) LoRA r=32 on all language-model linear layers, batch 32/64: naive peft (b32) vs ours (fused
       LoRA + compiled decoder layers); optional rows at b64 (rank-r product first, adapter gradients
-      split 8 ways, SigLIP layers compiled), and b96 with whichever of them was faster at b64.
+      split 8 ways, SigLIP layers compiled, cuBLASLt GEMMs), and b96 with whichever of them was faster.
 Correctness first: ours and naive HF, each against an fp32 copy of the model (fp64 with --tiny),
 on one small batch; ours must be no farther from the reference than naive (see check_against_reference).
 
@@ -699,7 +700,8 @@ def _options(model, options: dict[str, bool]):
     if "SigLIP layers compiled" in on:
         fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
     try:
-        yield
+        with _blas_library("cublaslt" if "cuBLASLt GEMMs" in on else None):
+            yield
     finally:
         openvla_fast.KV_WRITE = "eager"
         openvla_fast.RESIDUAL_EPILOGUE = False
@@ -707,6 +709,21 @@ def _options(model, options: dict[str, bool]):
         fk.LORA_GRAD_SPLIT = 1
         if "SigLIP layers compiled" in on:
             fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
+
+
+@contextmanager
+def _blas_library(name: str | None):
+    """Inside, torch's CUDA GEMMs prefer ``name`` ("cublaslt": cuBLASLt's own kernel heuristics instead of
+    cuBLAS's, for every product; the GEMMs are ~80 % of every step); None, or no CUDA: unchanged."""
+    if name is None or not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
 
 
 def _options_note(options: dict[str, bool]) -> str:
@@ -904,6 +921,16 @@ def main(argv=None):
                                 note="openvla_fast.RESIDUAL_EPILOGUE: prefill o_proj / down_proj addmm_ into the stream")
             openvla_fast.RESIDUAL_EPILOGUE = False
             sample_options["residual adds in GEMM epilogue"] = _faster(row, graphs_row)
+        if b == sizes["sample"][-1] and device.type == "cuda":
+            clear_decode_graphs()  # the decode graphs are captured with the library preferred at capture
+            with _blas_library("cublaslt"):
+                row = bench.measure("sample", "ours + CUDA graphs + cuBLASLt GEMMs", b,
+                                    lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV,
+                                                                 cuda_graphs=True),
+                                    fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
+                                    note="torch.backends.cuda.preferred_blas_library('cublaslt')")
+            clear_decode_graphs()
+            sample_options["cuBLASLt GEMMs"] = _faster(row, graphs_row)
         if b == sizes["sample"][-1] and use_compile and not args.no_extras:
             openvla_fast.KV_WRITE = "compiled"  # the prefill's K/V cache write as an inductor kernel
             row = bench.measure("sample", "ours + CUDA graphs + compiled KV write", b,
@@ -933,6 +960,7 @@ def main(argv=None):
         del pix, ids, mask
     b = 512 if not tiny else 2 * sizes["sample"][-1]
     pix, ids, mask, _ = batch_of(b, False)
+    clear_decode_graphs()
     with _options(model, sample_options):
         bench.measure("sample", "ours + CUDA-graph decode", b,
                       lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), fwd,
@@ -967,6 +995,12 @@ def main(argv=None):
                       warmup=2, note="action head, regional torch.compile fwd+bwd, last layer trimmed, fused AdamW, no ckpt")
         if b == sizes["full"][-1]:  # never profiled before: where the ~0.3 s beside the GEMMs goes
             _record_profile(bench, "profile_full_b%d" % b, device, lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV))
+            if device.type == "cuda":
+                with _blas_library("cublaslt"):
+                    bench.measure("full-FT", "ours + cuBLASLt GEMMs", b,
+                                  lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full,
+                                  need_s=20 + b * 0.3 + RESERVE_LORA, warmup=2,
+                                  note="torch.backends.cuda.preferred_blas_library('cublaslt')")
         del pix, ids, mask, adv, rb
     if not args.no_extras:  # + the vision tower's encoder layers compiled too
         b = sizes["full"][-1]
@@ -1052,6 +1086,13 @@ def main(argv=None):
                                     note="fast_kernels.LORA_GRAD_SPLIT: batched partial products + a float32 sum")
                 fk.LORA_GRAD_SPLIT = 1
                 lora_options["adapter gradients split"] = _faster(row, base_row)
+                if device.type == "cuda":
+                    with _blas_library("cublaslt"):
+                        row = bench.measure("LoRA", "ours + cuBLASLt GEMMs", b,
+                                            lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
+                                            need_s=25 + b * 0.2 + RESERVE_B96, warmup=2,
+                                            note="torch.backends.cuda.preferred_blas_library('cublaslt')")
+                    lora_options["cuBLASLt GEMMs"] = _faster(row, base_row)
                 if use_compile and not args.no_extras:
                     fk.compile_decoder_layers(pmodel, True, suffixes=("EncoderLayer",))
                     row = bench.measure("LoRA", "ours + SigLIP layers compiled", b,
