@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             bench.meta["speed-ups on"] = on
             print("speed-ups:", on, flush=True)
         policy.eval()
-        compiles = 30 if options is not off else 0  # per-shape fused ops / decoder layers compile in the warm-up
+        compiles = 20 if options is not off else 0  # fused ops / decoder layers compile in the warm-up (run 4: ~10 s)
         bench.measure("sample", f"policy call, {label}", sample_b, sample, sample_flops,
                       need_s=15 + sample_b * 0.05 + compiles, warmup=2, iters=3,
                       note="torchrl policy call: prompt + pixels on the host, 7 tokens, decode")

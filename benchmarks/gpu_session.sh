@@ -15,5 +15,5 @@ mkdir -p "$OUT"
 python -V
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 400 python benchmarks/gpu_openvla.py --budget-s 370 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
-timeout 180 python benchmarks/gpu_openvla_product.py --budget-s 165 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"
+timeout 430 python benchmarks/gpu_openvla.py --budget-s 400 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
+timeout 160 python benchmarks/gpu_openvla_product.py --budget-s 150 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"
