@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (<= 9.5 min; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
+# One call on a lent GPU (<= 9.9 min: 430 s + 160 s; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
 # targets, the numerics and CUDA-graph checks, op-level copy / GEMM sources, the optional speed-up rows and the
 # largest batches with the faster ones), then the product path (native OpenVLA build through openvla_policy,
 # speed-ups off vs on). Figures go to $OUT (or ./bench_out).
