@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                       need_s=15 + sample_b * 0.05 + compiles, warmup=2, iters=3,
                       note="torchrl policy call: prompt + pixels on the host, 7 tokens, decode")
         bench.measure("LoRA", f"policy_gradient_update, {label}", lora_b, step, lora_flops,
-                      need_s=15 + lora_b * 0.3 + 2 * compiles, warmup=2, iters=3,
+                      need_s=15 + lora_b * 0.3 + compiles, warmup=2, iters=3,
                       note="r=32 alpha 16 on the decoder linears; first warm-up call compiles")
     gap = step()["behaviour_log_prob_gap"]
     bench.meta["behaviour_log_prob_gap_after_updates"] = gap  # lr 1e-7: the weights barely moved since the rollout

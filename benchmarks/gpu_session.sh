@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (<= 9.9 min: 430 s + 160 s; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
+# One call on a lent GPU (<= 9.9 min: 450 s + 140 s; issue 6): the OpenVLA-7B-shaped benchmark against naive transformers (the
 # targets, the numerics and CUDA-graph checks, op-level copy / GEMM sources, the optional speed-up rows and the
 # largest batches with the faster ones), then the product path (native OpenVLA build through openvla_policy,
 # speed-ups off vs on). Figures go to $OUT (or ./bench_out).
@@ -15,5 +15,5 @@ mkdir -p "$OUT"
 python -V
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 430 python benchmarks/gpu_openvla.py --budget-s 400 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
-timeout 160 python benchmarks/gpu_openvla_product.py --budget-s 150 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"
+timeout 450 python benchmarks/gpu_openvla.py --budget-s 420 --out "$OUT" 2>&1 | tail -80 | tee "$OUT/gpu_openvla.txt"
+timeout 140 python benchmarks/gpu_openvla_product.py --budget-s 115 --out "$OUT/product" 2>&1 | tail -30 | tee "$OUT/gpu_openvla_product.txt"
