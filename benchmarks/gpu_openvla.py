@@ -64,10 +64,12 @@ from policies.openvla_fast import (  # noqa: E402
 )
 
 PEAK_FLOPS = 790e12
-RESERVE_TRAIN = 150  # s the main (c)+(d) rows need (run 4: ~120; + full-FT b64, profiles); optional rows leave it
-RESERVE_LORA = 80  # the LoRA section (run 4: ~55 s; + its diagnosis and option rows)
+# Time guards (s): a row starts only if the time left covers it and what must still run after it.
+RESERVE_B96 = 25  # the LoRA batch-96 row (the best LoRA figure so far)
+LORA_ESSENTIAL = 60  # the LoRA rows the targets need: check, naive b32, ours b32 (compiles), b64, b96
+RESERVE_LORA = LORA_ESSENTIAL + 40  # + the LoRA option rows (~7 s each) and diagnoses
+RESERVE_TRAIN = 150  # full-FT naive + ours b32/48/64 (~55 s) + the LoRA section: what sampling's option rows leave
 LORA_GRAD_SPLIT = 8  # the split of the adapter-gradient row (N = batch x 284 rows: 8 divides every even batch)
-RESERVE_B96 = 45  # the LoRA batch-96 row (the best LoRA figure so far) after the optional LoRA rows
 IMAGE_TOKEN = 32000
 ACTION_IDS = torch.arange(31744, 32000)
 N_ACT = 7
@@ -963,7 +965,7 @@ def main(argv=None):
         pix, ids, mask, adv = batch_of(b, True)
         rb = ReinforceBatch(pix, ids, mask, adv)
         bench.measure("full-FT", "ours + compiled decoder layers", b,
-                      lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=30 + b * 0.3 + RESERVE_LORA,
+                      lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=15 + b * 0.1 + LORA_ESSENTIAL,
                       warmup=2, note="action head, regional torch.compile fwd+bwd, last layer trimmed, fused AdamW, no ckpt")
         if b == sizes["full"][-1]:  # never profiled before: where the ~0.3 s beside the GEMMs goes
             _record_profile(bench, "profile_full_b%d" % b, device, lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV))
@@ -971,7 +973,7 @@ def main(argv=None):
                 with _blas_library("cublaslt"):
                     bench.measure("full-FT", "ours + cuBLASLt GEMMs", b,
                                   lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full,
-                                  need_s=20 + b * 0.3 + RESERVE_LORA, warmup=2,
+                                  need_s=20 + RESERVE_LORA, warmup=2,
                                   note="torch.backends.cuda.preferred_blas_library('cublaslt')")
         del pix, ids, mask, adv, rb
     if not args.no_extras:  # + the vision tower's encoder layers compiled too
@@ -980,7 +982,7 @@ def main(argv=None):
         rb = ReinforceBatch(pix, ids, mask, adv)
         fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
         bench.measure("full-FT", "ours + compiled decoder+vision layers", b,
-                      lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=60 + RESERVE_LORA,
+                      lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=30 + RESERVE_LORA,
                       warmup=2, note="also SigLIP encoder layers compiled")
         fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
         del pix, ids, mask, adv, rb
@@ -1031,7 +1033,7 @@ def main(argv=None):
             pix, ids, mask, adv = batch_of(b, True)
             rb = ReinforceBatch(pix, ids, mask, adv)
             base_row = bench.measure("LoRA", "ours + compiled decoder layers", b,
-                                     lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=25 + b * 0.2,
+                                     lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=15 + b * 0.2 + RESERVE_B96,
                                      warmup=2, note=f"{n_fused} fused LoRA linears (bf16 math, fp32 master), compiled "
                                                     "layers, last layer trimmed, fused AdamW")
             if b == sizes["lora"][-1]:
@@ -1047,14 +1049,14 @@ def main(argv=None):
                 fk.LORA_LOW_RANK_FIRST = True
                 row = bench.measure("LoRA", "ours, rank-r product first (GEMM epilogue adds it)", b,
                                     lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                    need_s=25 + b * 0.2 + RESERVE_B96, warmup=2,
+                                    need_s=12 + RESERVE_B96, warmup=2,
                                     note="fast_kernels.LORA_LOW_RANK_FIRST: one pass over each output less")
                 fk.LORA_LOW_RANK_FIRST = False
                 lora_options["rank-r product first"] = _faster(row, base_row)
                 fk.LORA_GRAD_SPLIT = LORA_GRAD_SPLIT
                 row = bench.measure("LoRA", f"ours, adapter gradients split {LORA_GRAD_SPLIT} ways", b,
                                     lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                    need_s=25 + b * 0.2 + RESERVE_B96, warmup=2,
+                                    need_s=12 + RESERVE_B96, warmup=2,
                                     note="fast_kernels.LORA_GRAD_SPLIT: batched partial products + a float32 sum")
                 fk.LORA_GRAD_SPLIT = 1
                 lora_options["adapter gradients split"] = _faster(row, base_row)
@@ -1062,14 +1064,14 @@ def main(argv=None):
                     with _blas_library("cublaslt"):
                         row = bench.measure("LoRA", "ours + cuBLASLt GEMMs", b,
                                             lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                            need_s=25 + b * 0.2 + RESERVE_B96, warmup=2,
+                                            need_s=12 + RESERVE_B96, warmup=2,
                                             note="torch.backends.cuda.preferred_blas_library('cublaslt')")
                     lora_options["cuBLASLt GEMMs"] = _faster(row, base_row)
                 if use_compile and not args.no_extras:
                     fk.compile_decoder_layers(pmodel, True, suffixes=("EncoderLayer",))
                     row = bench.measure("LoRA", "ours + SigLIP layers compiled", b,
                                         lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                        need_s=30 + b * 0.2 + RESERVE_B96, warmup=2,
+                                        need_s=25 + RESERVE_B96, warmup=2,
                                         note="the frozen vision tower's layers regionally compiled too")
                     fk.compile_decoder_layers(pmodel, False, suffixes=("EncoderLayer",))
                     lora_options["SigLIP layers compiled"] = _faster(row, base_row)
@@ -1079,7 +1081,7 @@ def main(argv=None):
         rb = ReinforceBatch(pix, ids, mask, adv)
         with _options(pmodel, lora_options):
             bench.measure("LoRA", "ours + compiled decoder layers", b,
-                          lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=40,
+                          lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=RESERVE_B96,
                           warmup=2, note="as above" + _options_note(lora_options))
         del pix, ids, mask, adv, rb
         fk.compile_decoder_layers(pmodel, False)
