@@ -10,10 +10,10 @@ teacher-forced log-prob rows and uncompiled training rows are in benchmarks/resu
       was faster;
   (c) full fine-tune REINFORCE update at batch 32/48/64: naive (full-vocab logits, default AdamW, b32)
       vs ours (action head, fused ops, regionally compiled decoder layers, fused AdamW);
-      extra: vision encoder layers compiled too;
+      extra at b64: cuBLASLt GEMMs, static-shape compile;
   (d) LoRA r=32 on all language-model linear layers, batch 32/64: naive peft (b32) vs ours (fused
       LoRA + compiled decoder layers); optional rows at b64 (rank-r product first, adapter gradients
-      split 8 ways, SigLIP layers compiled, cuBLASLt GEMMs), and b96 with whichever of them was faster.
+      split 8 ways, cuBLASLt GEMMs, static-shape compile), and b96 with whichever of them was faster.
 Correctness first: ours and naive HF, each against an fp32 copy of the model (fp64 with --tiny),
 on one small batch; ours must be no farther from the reference than naive (see check_against_reference).
 
@@ -684,7 +684,7 @@ def _options(model, options: dict[str, bool]):
     if "adapter gradients split" in on:
         fk.LORA_GRAD_SPLIT = LORA_GRAD_SPLIT
     if "SigLIP layers compiled" in on:
-        fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
+        fk.compile_decoder_layers(model, True, dynamic=False, suffixes=("EncoderLayer",))
     try:
         with _blas_library("cublaslt" if "cuBLASLt GEMMs" in on else None):
             yield
@@ -695,6 +695,16 @@ def _options(model, options: dict[str, bool]):
         fk.LORA_GRAD_SPLIT = 1
         if "SigLIP layers compiled" in on:
             fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
+
+
+def _recompiled(model, dynamic: bool, **kwargs) -> None:
+    """Forget every compiled graph (``torch._dynamo.reset``) and compile the decoder layers again with ``dynamic``
+    fixed: False = a graph per batch size (static sizes in every kernel), True = one shape-generic graph. The default
+    (None) gives the first batch size a static graph and every later size the generic one (automatic dynamic
+    shapes): what runs 4-6's second and third training batch sizes ran; run 5 measured a shape-generic rotary kernel
+    at 270 GB/s (14x slower than its per-shape compile)."""
+    torch._dynamo.reset()
+    fk.compile_decoder_layers(model, True, dynamic=dynamic, **kwargs)
 
 
 @contextmanager
@@ -917,8 +927,8 @@ def main(argv=None):
                                 note="openvla_fast.KV_WRITE: the cache slice write vectorized by inductor")
             openvla_fast.KV_WRITE = "eager"
             sample_options["compiled KV write"] = _faster(row, graphs_row)
-            # the vision tower's element-wise ops, fused by inductor
-            fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
+            # the vision tower's element-wise ops, fused by inductor (a graph per batch size)
+            fk.compile_decoder_layers(model, True, dynamic=False, suffixes=("EncoderLayer",))
             row = bench.measure("sample", "ours + CUDA graphs + SigLIP layers compiled", b,
                                 lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
                                 fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
@@ -976,15 +986,14 @@ def main(argv=None):
                                   need_s=20 + RESERVE_LORA, warmup=2,
                                   note="torch.backends.cuda.preferred_blas_library('cublaslt')")
         del pix, ids, mask, adv, rb
-    if not args.no_extras:  # + the vision tower's encoder layers compiled too
+    if use_compile and not args.no_extras:  # b48 / b64 above ran the shape-generic graph a second batch size gets
         b = sizes["full"][-1]
         pix, ids, mask, adv = batch_of(b, True)
         rb = ReinforceBatch(pix, ids, mask, adv)
-        fk.compile_decoder_layers(model, True, suffixes=("EncoderLayer",))
-        bench.measure("full-FT", "ours + compiled decoder+vision layers", b,
+        _recompiled(model, dynamic=False, last_eager=True)
+        bench.measure("full-FT", "ours, static-shape compile", b,
                       lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=30 + RESERVE_LORA,
-                      warmup=2, note="also SigLIP encoder layers compiled")
-        fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
+                      warmup=2, note="decoder layers compiled for this batch size alone (dynamic=False)")
         del pix, ids, mask, adv, rb
     fk.compile_decoder_layers(model, False)
     fused_ops(False)
@@ -1067,14 +1076,15 @@ def main(argv=None):
                                             need_s=12 + RESERVE_B96, warmup=2,
                                             note="torch.backends.cuda.preferred_blas_library('cublaslt')")
                     lora_options["cuBLASLt GEMMs"] = _faster(row, base_row)
-                if use_compile and not args.no_extras:
-                    fk.compile_decoder_layers(pmodel, True, suffixes=("EncoderLayer",))
-                    row = bench.measure("LoRA", "ours + SigLIP layers compiled", b,
+                if use_compile and not args.no_extras:  # b64 above ran the shape-generic graph (second size)
+                    _recompiled(pmodel, dynamic=False, last_eager=True)
+                    row = bench.measure("LoRA", "ours, static-shape compile", b,
                                         lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
                                         need_s=25 + RESERVE_B96, warmup=2,
-                                        note="the frozen vision tower's layers regionally compiled too")
-                    fk.compile_decoder_layers(pmodel, False, suffixes=("EncoderLayer",))
-                    lora_options["SigLIP layers compiled"] = _faster(row, base_row)
+                                        note="decoder layers compiled for this batch size alone (dynamic=False)")
+                    lora_options["static-shape compile"] = _faster(row, base_row)
+                    if not lora_options["static-shape compile"]:  # b96: the shape-generic graph again
+                        _recompiled(pmodel, dynamic=True, last_eager=True)
             del pix, ids, mask, adv, rb
         b = 96 if not tiny else sizes["lora"][-1] + 1
         pix, ids, mask, adv = batch_of(b, True)
