@@ -711,15 +711,19 @@ def _recompiled(model, dynamic: bool, **kwargs) -> None:
 def _blas_library(name: str | None):
     """Inside, torch's CUDA GEMMs prefer ``name`` ("cublaslt": cuBLASLt's own kernel heuristics instead of
     cuBLAS's, for every product; the GEMMs are ~80 % of every step); None, or no CUDA: unchanged."""
-    if name is None or not torch.cuda.is_available():
-        yield
-        return
-    previous = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(name)
+    previous = None
+    if name is not None and torch.cuda.is_available():
+        try:
+            previous = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library(name)
+        except Exception as e:  # e.g. a build without cuBLASLt: the row then measures the default library
+            print(f"[warn] preferred_blas_library({name!r}): {type(e).__name__}: {e}", flush=True)
+            previous = None
     try:
         yield
     finally:
-        torch.backends.cuda.preferred_blas_library(previous)
+        if previous is not None:
+            torch.backends.cuda.preferred_blas_library(previous)
 
 
 def _options_note(options: dict[str, bool]) -> str:
