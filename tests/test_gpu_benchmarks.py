@@ -14,9 +14,9 @@ pytest.importorskip("peft")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, out: Path) -> dict:
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--tiny", "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
+def _run(script: str, out: Path, *flags: str) -> dict:
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--tiny", *flags, "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["rows"] and all(row["status"] == "ok" for row in results["rows"]), results["rows"]
@@ -41,6 +41,16 @@ def test_llava_benchmark_runs_every_row_and_its_checks_pass(tmp_path):
     assert any("Backward" in c.split(" <- ", 1)[1] for c in lora_ops["copies"])
     small = results["meta"]["LoRA rank-r products b3"]  # the rank-r products timed alone, split-K beside cuBLAS
     assert small["step_ms_default_total"] > 0 and small["q/k/v/o (64->64)"]["split_max_rel_err"] < 1e-5
+
+
+def test_llava_benchmark_compiled_rows_run(tmp_path):
+    """The rows only a compiling run reaches (every GPU run): compiled KV write, SigLIP layers, static-shape
+    recompiles, and the largest batches with the options that won (~1.5 min of CPU compile)."""
+    results = _run("gpu_openvla.py", tmp_path, "--tiny-compile")
+    variants = {(row["section"], row["variant"]) for row in results["rows"]}
+    assert {("sample", "ours + CUDA graphs + compiled KV write"), ("sample", "ours + CUDA graphs + SigLIP layers compiled"),
+            ("full-FT", "ours, static-shape compile"), ("LoRA", "ours, static-shape compile")} <= variants
+    assert results["meta"]["torch_compile"] and results["meta"]["checks"]["numerics"]["pass"]
 
 
 def test_product_benchmark_runs_the_policy_path_with_speedups_off_and_on(tmp_path):
