@@ -384,6 +384,7 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
     ``[rows, out]`` activation for few FLOPs, so the measure is GB/s against the memory roofline (~4.8 TB/s on an
     H200). The weight-gradient products (``dyb^T x``, ``dy^T xa``) have a tiny ``[r, in]`` output and a long
     reduction; ``split``-way reduction (batched products + a sum) is timed beside cuBLAS's own choice.
+    The frozen ``x W^T`` is timed too, plain and accumulating into its output (beta=1).
     Returns ms per op and shape, and the step's total (x linears per layer x layers) for each variant."""
     cuda = device.type == "cuda"
 
@@ -412,6 +413,7 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
             return torch.randn(*shape, device=device, dtype=dtype, generator=g)
 
         x, dy, y, dx = rand(rows, d_in), rand(rows, d_out), rand(rows, d_out), rand(rows, d_in)
+        w = rand(d_out, d_in) / d_in ** 0.5
         a, b, xa, dyb = rand(r, d_in), rand(d_out, r), rand(rows, r), rand(rows, r)
         size = x.element_size()
         act_in, act_out = rows * d_in * size, rows * d_out * size
@@ -423,6 +425,10 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
             "dx += dyb A (in place)": (lambda: dx.addmm_(dyb, a), 2 * act_in),
             "grad A = dyb^T x": (lambda: dyb.t() @ x, act_in),
             "grad B = dy^T xa": (lambda: dy.t() @ xa, act_out),
+            # the frozen product itself, plain and accumulating (beta=1: what rank-r-first and the residual
+            # epilogue ask of it - does reading C cost a compute-bound GEMM anything?)
+            "big: x W^T": (lambda: x @ w.t(), act_out),
+            "big: y += x W^T (beta=1)": (lambda: y.addmm_(x, w.t()), 2 * act_out),
         }
         if rows % split == 0:
             ops[f"grad A, {split}-way split"] = (
@@ -437,9 +443,11 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
         for op, (fn, moved) in ops.items():
             ms = time_ms(fn)
             row[op] = dict(ms=round(ms, 4), gb_per_s=round(moved / ms / 1e6, 1))
+            if op.startswith("big"):
+                row[op]["tflop_per_s"] = round(2 * rows * d_in * d_out / ms / 1e9, 1)
             totals[op] = totals.get(op, 0.0) + ms * per_layer * layers
         out[f"{name} ({d_in}->{d_out})"] = row
-        del x, dy, y, dx, a, b, xa, dyb
+        del x, dy, y, dx, w, a, b, xa, dyb
     default = ("xa = x A^T", "y += xa B^T (in place)", "dyb = dy B", "dx += dyb A (in place)", "grad A = dyb^T x",
                "grad B = dy^T xa")
     out["step_ms"] = {op: round(ms, 2) for op, ms in totals.items()}
