@@ -351,11 +351,8 @@ def check_against_reference(model, n_img, img, dtype, device, fused_ops):
                 lp_u, _ = action_token_log_probs(model, pix[2:], torch.cat([ids[2:], toks[2:]], 1), unpad_mask,
                                                  ACTION_IDS)
                 if name == "fused_ops":  # the benchmark switch of the residual-add row
-                    openvla_fast.RESIDUAL_EPILOGUE = True
-                    try:
+                    with _options(model, {"residual adds in GEMM epilogue": True}):
                         _, lp_e = sample_action_tokens(model, pix, ids_p, mask_p, ACTION_IDS, tokens=toks)
-                    finally:
-                        openvla_fast.RESIDUAL_EPILOGUE = False
             r = dict(sampler=_err(lp_s, lp_ref), teacher_forced=_err(lp_t, lp_ref),
                      teacher_forced_unpadded_rows23=_err(lp_u, lp_ref_u))
             if name == "fused_ops":  # its own verdict: a failure here only drops that row
@@ -430,13 +427,13 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
             "big: x W^T": (lambda: x @ w.t(), act_out),
             "big: y += x W^T (beta=1)": (lambda: y.addmm_(x, w.t()), 2 * act_out),
         }
+        row = {}
         if rows % split == 0:
             ops[f"grad A, {split}-way split"] = (
                 lambda: torch.bmm(dyb.view(split, -1, r).transpose(1, 2), x.view(split, -1, d_in)).sum(0), act_in)
             ops[f"grad B, {split}-way split"] = (
                 lambda: torch.bmm(dy.view(split, -1, d_out).transpose(1, 2), xa.view(split, -1, r)).sum(0), act_out)
-        row = {}
-        if rows % split == 0:  # the same gradients either way (up to summation order)
+            # the same gradients either way (up to summation order)
             err = max(float((ops[f"grad {m}, {split}-way split"][0]() - ops[f"grad {m} = {e}"][0]()).abs().max()
                             / ops[f"grad {m} = {e}"][0]().abs().max()) for m, e in (("A", "dyb^T x"), ("B", "dy^T xa")))
             row["split_max_rel_err"] = err
@@ -497,11 +494,8 @@ def check_lora_fused(model, n_img, img, dtype, device):
     lp_p, g_p = grads(model, pix)
     n = fk.fuse_lora_linears(model)
     lp_f, g_f = grads(model, pix)
-    fk.LORA_LOW_RANK_FIRST = True  # the other GEMM order (benchmarked as its own LoRA row)
-    try:
+    with _options(model, {"rank-r product first": True}):  # the other GEMM order (benchmarked as its own LoRA row)
         lp_l, g_l = grads(model, pix)
-    finally:
-        fk.LORA_LOW_RANK_FIRST = False
     res = dict(reference=str(ref_dtype), fused_modules=n,
                peft_logp_err=_err(lp_p, lp_ref), fused_logp_err=_err(lp_f, lp_ref),
                peft_grad_rel_err=rel(g_p), fused_grad_rel_err=rel(g_f),
@@ -650,7 +644,7 @@ def copy_sources(fn, device, top_n: int = 10) -> dict | None:
     for ev in prof.events():
         if ev.name not in COPY_OPS:
             continue
-        us = _device_us(ev, "device_time_total") if cuda else ev.cpu_time_total
+        us = op_us(ev)
         if us > 0:
             entry = by_source.setdefault((ev.name, str(ev.input_shapes)[:140], _caller(ev)), [0.0, 0])
             entry[0] += us
@@ -676,6 +670,15 @@ def copy_sources(fn, device, top_n: int = 10) -> dict | None:
 def _faster(row: dict, than: dict) -> bool:
     """Whether ``row`` measured more samples/s than ``than`` (both measured in this run)."""
     return row.get("status") == "ok" and than.get("status") == "ok" and row["samples_per_s"] > than["samples_per_s"]
+
+
+def _option_row(bench, chosen: dict[str, bool], name: str, model, base_row: dict, section: str, variant: str,
+                batch: int, fn, flops: float, need_s: float, note: str) -> None:
+    """Measure one optional speed-up (a name :func:`_options` knows) on its own, and record in ``chosen[name]``
+    whether it beat ``base_row``."""
+    with _options(model, {name: True}):
+        row = bench.measure(section, variant, batch, fn, flops, need_s=need_s, warmup=2, iters=3, note=note)
+    chosen[name] = _faster(row, base_row)
 
 
 @contextmanager
@@ -913,40 +916,24 @@ def main(argv=None):
                                    lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
                                    fwd, need_s=10 + b * 0.05, warmup=2, iters=3,
                                    note=note + ", decode steps replayed as CUDA graphs")
+        def sample_option(name, variant, note):
+            _option_row(bench, sample_options, name, model, graphs_row, "sample", variant, b,
+                        lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True), fwd,
+                        need_s=20 + b * 0.05 + RESERVE_TRAIN, note=note)
+
         if b == sizes["sample"][-1] and checks["numerics"].get("fused_ops", {}).get("residual_adds_in_epilogue_pass"):
-            openvla_fast.RESIDUAL_EPILOGUE = True
-            row = bench.measure("sample", "ours + CUDA graphs + residual adds in GEMM epilogue", b,
-                                lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
-                                fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
-                                note="openvla_fast.RESIDUAL_EPILOGUE: prefill o_proj / down_proj addmm_ into the stream")
-            openvla_fast.RESIDUAL_EPILOGUE = False
-            sample_options["residual adds in GEMM epilogue"] = _faster(row, graphs_row)
+            sample_option("residual adds in GEMM epilogue", "ours + CUDA graphs + residual adds in GEMM epilogue",
+                          "openvla_fast.RESIDUAL_EPILOGUE: prefill o_proj / down_proj addmm_ into the stream")
         if b == sizes["sample"][-1] and device.type == "cuda":
             clear_decode_graphs()  # the decode graphs are captured with the library preferred at capture
-            with _blas_library("cublaslt"):
-                row = bench.measure("sample", "ours + CUDA graphs + cuBLASLt GEMMs", b,
-                                    lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV,
-                                                                 cuda_graphs=True),
-                                    fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
-                                    note="torch.backends.cuda.preferred_blas_library('cublaslt')")
+            sample_option("cuBLASLt GEMMs", "ours + CUDA graphs + cuBLASLt GEMMs",
+                          "torch.backends.cuda.preferred_blas_library('cublaslt')")
             clear_decode_graphs()
-            sample_options["cuBLASLt GEMMs"] = _faster(row, graphs_row)
         if b == sizes["sample"][-1] and use_compile and not args.no_extras:
-            openvla_fast.KV_WRITE = "compiled"  # the prefill's K/V cache write as an inductor kernel
-            row = bench.measure("sample", "ours + CUDA graphs + compiled KV write", b,
-                                lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
-                                fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
-                                note="openvla_fast.KV_WRITE: the cache slice write vectorized by inductor")
-            openvla_fast.KV_WRITE = "eager"
-            sample_options["compiled KV write"] = _faster(row, graphs_row)
-            # the vision tower's element-wise ops, fused by inductor (a graph per batch size)
-            fk.compile_decoder_layers(model, True, dynamic=False, suffixes=("EncoderLayer",))
-            row = bench.measure("sample", "ours + CUDA graphs + SigLIP layers compiled", b,
-                                lambda: sample_action_tokens(model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True),
-                                fwd, need_s=20 + b * 0.05 + RESERVE_TRAIN, warmup=2, iters=3,
-                                note="vision encoder layers regionally compiled (fixed shapes)")
-            fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
-            sample_options["SigLIP layers compiled"] = _faster(row, graphs_row)
+            sample_option("compiled KV write", "ours + CUDA graphs + compiled KV write",
+                          "openvla_fast.KV_WRITE: the cache slice write vectorized by inductor")
+            sample_option("SigLIP layers compiled", "ours + CUDA graphs + SigLIP layers compiled",
+                          "vision encoder layers regionally compiled (fixed shapes)")
         if b == sizes["sample"][-1]:
             _record_profile(bench, "profile_sample_b%d" % b, device, lambda: sample_action_tokens(
                 model, pix, ids, mask, ACTION_IDS_DEV, cuda_graphs=True))
@@ -1067,27 +1054,18 @@ def main(argv=None):
                     split=4)
                 _record(bench, "LoRA rank-r products b%d" % b,
                         lambda fn, dev: lora_small_gemms(dev, dtype, rows=b * seq, **small), device, None)
-                fk.LORA_LOW_RANK_FIRST = True
-                row = bench.measure("LoRA", "ours, rank-r product first (GEMM epilogue adds it)", b,
-                                    lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                    need_s=12 + RESERVE_B96, warmup=2,
-                                    note="fast_kernels.LORA_LOW_RANK_FIRST: one pass over each output less")
-                fk.LORA_LOW_RANK_FIRST = False
-                lora_options["rank-r product first"] = _faster(row, base_row)
-                fk.LORA_GRAD_SPLIT = LORA_GRAD_SPLIT
-                row = bench.measure("LoRA", f"ours, adapter gradients split {LORA_GRAD_SPLIT} ways", b,
-                                    lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                    need_s=12 + RESERVE_B96, warmup=2,
-                                    note="fast_kernels.LORA_GRAD_SPLIT: batched partial products + a float32 sum")
-                fk.LORA_GRAD_SPLIT = 1
-                lora_options["adapter gradients split"] = _faster(row, base_row)
+                def lora_option(name, variant, note):
+                    _option_row(bench, lora_options, name, pmodel, base_row, "LoRA", variant, b,
+                                lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
+                                need_s=12 + RESERVE_B96, note=note)
+
+                lora_option("rank-r product first", "ours, rank-r product first (GEMM epilogue adds it)",
+                            "fast_kernels.LORA_LOW_RANK_FIRST: one pass over each output less")
+                lora_option("adapter gradients split", f"ours, adapter gradients split {LORA_GRAD_SPLIT} ways",
+                            "fast_kernels.LORA_GRAD_SPLIT: batched partial products + a float32 sum")
                 if device.type == "cuda":
-                    with _blas_library("cublaslt"):
-                        row = bench.measure("LoRA", "ours + cuBLASLt GEMMs", b,
-                                            lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
-                                            need_s=12 + RESERVE_B96, warmup=2,
-                                            note="torch.backends.cuda.preferred_blas_library('cublaslt')")
-                    lora_options["cuBLASLt GEMMs"] = _faster(row, base_row)
+                    lora_option("cuBLASLt GEMMs", "ours + cuBLASLt GEMMs",
+                                "torch.backends.cuda.preferred_blas_library('cublaslt')")
                 if use_compile and not args.no_extras:  # b64 above ran the shape-generic graph (second size)
                     _recompiled(pmodel, dynamic=False, last_eager=True)
                     row = bench.measure("LoRA", "ours, static-shape compile", b,
