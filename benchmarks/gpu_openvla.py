@@ -690,6 +690,8 @@ def _options(model, options: dict[str, bool]):
         openvla_fast.KV_WRITE = "compiled"
     if "residual adds in GEMM epilogue" in on:
         openvla_fast.RESIDUAL_EPILOGUE = True
+    if "flash attention first" in on:
+        openvla_fast.ATTENTION_FIRST = "flash"
     if "rank-r product first" in on:
         fk.LORA_LOW_RANK_FIRST = True
     if "adapter gradients split" in on:
@@ -702,6 +704,7 @@ def _options(model, options: dict[str, bool]):
     finally:
         openvla_fast.KV_WRITE = "eager"
         openvla_fast.RESIDUAL_EPILOGUE = False
+        openvla_fast.ATTENTION_FIRST = None
         fk.LORA_LOW_RANK_FIRST = False
         fk.LORA_GRAD_SPLIT = 1
         if "SigLIP layers compiled" in on:
@@ -928,6 +931,10 @@ def main(argv=None):
             clear_decode_graphs()  # the decode graphs are captured with the library preferred at capture
             sample_option("cuBLASLt GEMMs", "ours + CUDA graphs + cuBLASLt GEMMs",
                           "torch.backends.cuda.preferred_blas_library('cublaslt')")
+            clear_decode_graphs()
+        if b == sizes["sample"][-1]:  # graphs are cleared as for cuBLASLt: they keep the kernels of their capture
+            sample_option("flash attention first", "ours + CUDA graphs + flash attention first",
+                          "openvla_fast.ATTENTION_FIRST: SDPA tries FlashAttention-2 before cuDNN")
             clear_decode_graphs()
         if b == sizes["sample"][-1] and use_compile and not args.no_extras:
             sample_option("compiled KV write", "ours + CUDA graphs + compiled KV write",

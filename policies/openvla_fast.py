@@ -84,6 +84,10 @@ KV_WRITE = "eager"
 # The prefill's residual adds inside the o_proj / down_proj GEMMs (fast_kernels.residual_adds_in_epilogue): ~114 GB of
 # element-wise traffic less per b256 call. A benchmark switch until a GPU run measures it.
 RESIDUAL_EPILOGUE = False
+# The attention kernel the sampler tries first: None keeps PyTorch's order (cuDNN on an H200); "flash" puts
+# FlashAttention-2 first. Runs 4-6 (b256): the decode steps' cuDNN kernel read the KV cache at ~3.2 TB/s (71 ms per
+# call; ~48 ms at the H200's 4.8 TB/s) and the prefill's ran at ~2 TB/s. A benchmark switch until a GPU run measures it.
+ATTENTION_FIRST: str | None = None
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -331,19 +335,35 @@ def clear_decode_graphs() -> None:
     _DECODE_GRAPHS.clear()
 
 
-def _eager_layers(fn):
-    """Run ``fn(model, ...)`` with the model's regionally compiled layers eager (:func:`uncompiled`): compiled for
-    cache-free teacher forcing, a layer would recompile per layer index and cache length in a KV-cache decode."""
+def _attention_first():
+    """A context in which scaled-dot-product attention tries :data:`ATTENTION_FIRST`'s kernel first, then PyTorch's
+    others (any still serves inputs the first cannot); CUDA-graph decode steps keep the kernels of their capture."""
+    if ATTENTION_FIRST is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = dict(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                   efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH)
+    if ATTENTION_FIRST not in kernels:
+        raise ValueError(f"ATTENTION_FIRST must be None or one of {sorted(kernels)}, got {ATTENTION_FIRST!r}")
+    first = kernels[ATTENTION_FIRST]
+    return sdpa_kernel([first] + [k for k in kernels.values() if k != first], set_priority=True)
+
+
+def _sampling_setup(fn):
+    """Run ``fn(model, ...)`` with the model's regionally compiled layers eager (:func:`uncompiled`: compiled for
+    cache-free teacher forcing, a layer would recompile per layer index and cache length in a KV-cache decode) and
+    attention kernels in :data:`ATTENTION_FIRST`'s order."""
 
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
-        with uncompiled(_body(model)):
+        with uncompiled(_body(model)), _attention_first():
             return fn(model, *args, **kwargs)
 
     return wrapper
 
 
-@_eager_layers
+@_sampling_setup
 @torch.no_grad()
 def sample_action_tokens(
     model,

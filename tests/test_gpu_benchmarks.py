@@ -71,11 +71,14 @@ def test_largest_batch_rows_take_only_the_options_that_measured_faster():
     ok = dict(status="ok", samples_per_s=10.0)
     assert bench._faster(dict(ok, samples_per_s=11.0), ok) and not bench._faster(ok, ok)
     assert not bench._faster(dict(status="OOM"), ok) and not bench._faster(ok, dict(status="skipped"))
-    options = {"compiled KV write": True, "rank-r product first": False, "adapter gradients split": True}
+    options = {"compiled KV write": True, "rank-r product first": False, "adapter gradients split": True,
+               "flash attention first": True}
     with bench._options(torch.nn.Linear(2, 2), options):
         assert openvla_fast.KV_WRITE == "compiled" and fast_kernels.LORA_LOW_RANK_FIRST is False
         assert fast_kernels.LORA_GRAD_SPLIT == bench.LORA_GRAD_SPLIT > 1
+        assert openvla_fast.ATTENTION_FIRST == "flash"
     assert openvla_fast.KV_WRITE == "eager" and fast_kernels.LORA_GRAD_SPLIT == 1
-    assert bench._options_note(options) == (", + compiled KV write + adapter gradients split"
+    assert openvla_fast.ATTENTION_FIRST is None
+    assert bench._options_note(options) == (", + compiled KV write + adapter gradients split + flash attention first"
                                             " (faster at the smaller batch)")
     assert bench._options_note({"rank-r product first": False}) == ""

@@ -107,6 +107,34 @@ def test_static_kv_cache_matches_dynamic_cache(model, monkeypatch, kv_write):
     torch.testing.assert_close(l_f, l_s, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("first", ["math", "flash"])
+def test_attention_first_orders_the_sampler_kernels_and_keeps_its_draws(model, monkeypatch, first):
+    from torch.nn.attention import SDPBackend
+
+    from policies import openvla_fast
+
+    pix, ids, mask = _prompt(3, seed=12)
+    ref = sample_action_tokens(model, pix, ids, mask, ACTION_IDS, generator=torch.Generator().manual_seed(6))
+    seen = []  # the kernel order each attention call of the sampler ran under
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order()[0])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(openvla_fast, "ATTENTION_FIRST", first)
+    got = sample_action_tokens(model, pix, ids, mask, ACTION_IDS, generator=torch.Generator().manual_seed(6))
+    want = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}[first]
+    # vision (2) + prefill (2) + 6 decode steps x 2 text layers
+    assert len(seen) == 16 and set(seen) == {int(want)}
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=0)
+    monkeypatch.setattr(openvla_fast, "ATTENTION_FIRST", "fastest")
+    with pytest.raises(ValueError, match="ATTENTION_FIRST"):
+        sample_action_tokens(model, pix, ids, mask, ACTION_IDS)
+
+
 def test_preallocated_cache_writes_in_place_and_guards_overflow():
     from policies.openvla_fast import PreallocatedKVCache
 
