@@ -4,7 +4,7 @@
 # largest batches with the faster ones), then the product path (native OpenVLA build through openvla_policy,
 # speed-ups off vs on). Figures go to $OUT (or ./bench_out).
 # Usage (device tool): first `bash scripts/device_vendor.sh` here, then command "bash benchmarks/gpu_session.sh",
-# kind "nvidia-h200" (the targets are an H200's; full FT b48 / LoRA b96 need > 80 GiB), carry [".device_vendor"],
+# kind "nvidia-h200" (the targets are an H200's; full FT b48 / LoRA b80 need > 80 GiB), carry [".device_vendor"],
 # timeout_s 600.
 set -u
 OUT=${OUT:-bench_out}

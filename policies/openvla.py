@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from policies.openvla_vision import DINOV2_L14_REG4, SIGLIP_SO400M14, FusedVisionTower, ViT, ViTConfig
+from policies.openvla_vision import (DINOV2_L14_REG4, SIGLIP_SO400M14, FusedVisionTower, ViT, ViTConfig,
+                                     freeze_unread_parts)
 from policies.vla_model import MLPProjector, VLABody, VLAForActionPrediction
 from vla_razor.action_tokens import OPENVLA_BASE_VOCAB_SIZE, ActionTokenizer, make_action_tokenizer
 
@@ -319,28 +320,53 @@ def adapt_remote_openvla(remote: nn.Module) -> VLAForActionPrediction:
     native build's state-dict keys.
     """
     lm, vision = remote.language_model, remote.vision_backbone
+    for encoder in (vision.featurizer, vision.fused_featurizer):  # timm 0.9 runs the last block, the features skip it
+        freeze_unread_parts(encoder)
     body = VLABody(FusedVisionTower(vision.featurizer, vision.fused_featurizer), remote.projector, lm.model,
                    image_token_id=IMAGE_PLACEHOLDER_ID)
     return VLAForActionPrediction(body, lm.lm_head.weight.shape[0], lm_head=lm.get_output_embeddings())
 
 
 # -- training options ---------------------------------------------------------------------------------------------
-def apply_decoder_lora(model: VLAForActionPrediction, r: int = 32, alpha: int = 16,
-                       dropout: float = 0.0) -> VLAForActionPrediction:
-    """LoRA on every linear layer of the Llama decoder, in place; only the adapters stay trainable.
+LORA_TARGETS = ("decoder", "all_linear")
 
-    ``alpha=16`` with ``r=32`` follows OpenVLA's ``vla-scripts/finetune.py`` (``lora_alpha=min(r, 16)``); that script
-    targets "all-linear" of the whole VLA (vision and projector too) with Gaussian init, while here the adapters sit
-    on the decoder only, so vision features stay the pretrained ones and peft's default init keeps step 0 exact.
+
+def lora_target_names(model: VLAForActionPrediction, targets: str = "decoder") -> list[str]:
+    """Names (relative to ``model.model``, the body) of the linear layers LoRA adapts.
+
+    ``"decoder"``: the Llama decoder's seven projections per layer. ``"all_linear"``: OpenVLA's
+    ``vla-scripts/finetune.py`` recipe (peft ``target_modules="all-linear"``): every linear layer of the body - both
+    ViTs, the projector and the decoder - but not the action head, and not the ViTs' last block and attention pool,
+    which the features never pass through (frozen by :class:`ViT`: an adapter there would get no gradient, which
+    DDP rejects).
+    """
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"policy.openvla.lora_targets={targets!r}; use one of {', '.join(LORA_TARGETS)}")
+    body = model.model
+    if targets == "decoder":
+        return [f"language_model.{name}" for name, module in body.language_model.named_modules()
+                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_LINEARS]
+    return [name for name, module in body.named_modules()
+            if isinstance(module, nn.Linear) and any(p.requires_grad for p in module.parameters())]
+
+
+def apply_lora(model: VLAForActionPrediction, r: int = 32, alpha: int = 16, dropout: float = 0.0,
+               targets: str = "decoder") -> VLAForActionPrediction:
+    """LoRA on the linear layers :func:`lora_target_names` picks, in place; only the adapters stay trainable.
+
+    ``alpha=16`` with ``r=32`` follows OpenVLA's ``vla-scripts/finetune.py`` (``lora_alpha=min(r, 16)``), which
+    adapts ``"all_linear"`` with Gaussian init; the default ``"decoder"`` keeps the pretrained vision features.
+    peft's default init (B = 0) keeps step 0 exact either way.
     """
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ImportError("LoRA needs peft, which is not installed: pip install -e .[lora] "
                           "(or set policy.openvla.lora_rank=0 for full fine-tuning)") from None
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LLAMA_LINEARS))
+    names = lora_target_names(model, targets)  # before freezing: "all_linear" reads which layers train
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
     model.requires_grad_(False)
-    inject_adapter_in_model(config, model.model.language_model)
+    inject_adapter_in_model(config, model.model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
     return model
@@ -372,6 +398,7 @@ class OpenVLAOptions:
     lora_rank: int = 0                  # 0: full fine-tune; 32: OpenVLA's LoRA recipe
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    lora_targets: str = "decoder"       # decoder: the 7 Llama projections; all_linear: + both ViTs and the projector
     gradient_checkpointing: bool = False
     # speed-ups of policies/fast_kernels.py, as benchmarks/gpu_openvla.py measures them; "auto": on when the model
     # is on CUDA (on CPU the compile time outweighs the gain). README "OpenVLA-7B and multi-GPU", **Speed**.
@@ -383,6 +410,8 @@ class OpenVLAOptions:
     def __post_init__(self):
         if self.loader not in ("native", "hf"):
             raise ValueError(f"policy.openvla.loader={self.loader!r}; use 'native' or 'hf'")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"policy.openvla.lora_targets={self.lora_targets!r}; use one of {', '.join(LORA_TARGETS)}")
         for name in ("fused_ops", "fused_lora", "compile_layers"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -413,7 +442,7 @@ def apply_speedups(model: VLAForActionPrediction, options: OpenVLAOptions) -> di
 
 def configure_training(model: VLAForActionPrediction, options: OpenVLAOptions) -> VLAForActionPrediction:
     if options.lora_rank:
-        apply_decoder_lora(model, options.lora_rank, options.lora_alpha, options.lora_dropout)
+        apply_lora(model, options.lora_rank, options.lora_alpha, options.lora_dropout, options.lora_targets)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

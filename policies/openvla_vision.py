@@ -157,9 +157,7 @@ class ViT(nn.Module):
         self.attn_pool = AttentionPoolLatent(cfg) if cfg.attention_pool else None
         self.num_prefix_tokens = int(cfg.class_token) + cfg.reg_tokens
         self.gradient_checkpointing = False
-        unused = [self.blocks[-1], self.norm] + ([self.attn_pool] if self.attn_pool is not None else [])
-        for module in unused:
-            module.requires_grad_(False)
+        freeze_unread_parts(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels) + self.pos_embed                                     # [B, N, D]
@@ -171,6 +169,16 @@ class ViT(nn.Module):
             else:
                 x = block(x)
         return x[:, self.num_prefix_tokens:]
+
+
+def freeze_unread_parts(encoder: nn.Module) -> None:
+    """Freeze what OpenVLA's features never pass through in a timm-layout ViT (this file's :class:`ViT`, or timm's
+    own in the remote code): the last block, the final norm and the pooling head. Trainable, they would get no
+    gradient, which DDP/FSDP reject, and all-linear LoRA would adapt them for nothing."""
+    parts = [encoder.blocks[-1]] + [getattr(encoder, name, None) for name in ("norm", "fc_norm", "attn_pool", "head")]
+    for part in parts:
+        if isinstance(part, nn.Module):
+            part.requires_grad_(False)
 
 
 def stack_normalizations(pixels: torch.Tensor) -> torch.Tensor:

@@ -275,10 +275,13 @@ def test_remote_code_adapter_gives_the_native_log_probs(checkpoint, remote):
     from policies.vla_policy import TokenVLAPolicy
 
     native = load(checkpoint)
+    remote.requires_grad_(True)  # as timm builds its ViTs: the adapter freezes the parts the features skip
     adapted = TokenVLAPolicy(adapt_remote_openvla(remote), native.prompt_tokenizer,
                              num_image_tokens=DIMS.num_image_tokens, image_size=IMAGE, use_proprio=False,
                              action_tokenizer=native.action_tokenizer).eval()
     assert set(adapted.model.state_dict()) == set(native.model.state_dict())
+    assert ({n for n, p in adapted.named_parameters() if not p.requires_grad}
+            == {n for n, p in native.named_parameters() if not p.requires_grad} != set())
     batch = robot_batch(seed=1)
     tokens = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -340,6 +343,33 @@ def test_lora_trains_only_decoder_adapters():
     reinforce_step(policy, robot_batch())
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(trainable)
+
+
+def test_all_linear_lora_adapts_vision_projector_and_decoder_and_keeps_step_zero():
+    torch.manual_seed(0)
+    base = build_policy(tiny_config(), INSTRUCTIONS)
+    torch.manual_seed(0)  # the same base weights; the adapters come after them, with B = 0
+    policy = build_policy(tiny_config(lora_rank=4, lora_alpha=8, lora_targets="all_linear"), INSTRUCTIONS)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in policy.named_parameters() if ".lora_A." in n}
+    body = "model.model."
+    for part in ("vision_tower.featurizer.blocks.0.attn.qkv", "vision_tower.fused_featurizer.blocks.0.mlp.fc2",
+                 "projector.fc1", "projector.fc3", "language_model.layers.1.mlp.down_proj"):
+        assert body + part in adapted, part
+    last = len(policy.model.model.vision_tower.featurizer.blocks) - 1
+    # never on what the features skip (the ViTs' last block, SigLIP's attention pool) nor on the head
+    assert not any(f".blocks.{last}." in n or "attn_pool" in n or "lm_head" in n for n in adapted), adapted
+    assert all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+    batch = robot_batch()
+    tokens = base.sample_tokens(batch, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.token_log_probs(batch, tokens), base.token_log_probs(batch, tokens))
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    reinforce_step(policy, batch)
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert any("featurizer" in n for n in changed) and any("projector" in n for n in changed)
+    with pytest.raises(ValueError, match="lora_targets"):
+        OpenVLAOptions(lora_rank=4, lora_targets="everything")
 
 
 def test_gradient_checkpointing_keeps_gradients():
