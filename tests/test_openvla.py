@@ -368,6 +368,17 @@ def test_all_linear_lora_adapts_vision_projector_and_decoder_and_keeps_step_zero
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
     assert changed <= {n for n, p in policy.named_parameters() if p.requires_grad}
     assert any("featurizer" in n for n in changed) and any("projector" in n for n in changed)
+    # the fused LoRA linear serves the vision and projector layers (biases) as it serves the decoder's
+    fused = build_policy(tiny_config(lora_rank=4, lora_alpha=8, lora_targets="all_linear", fused_lora=True),
+                         INSTRUCTIONS)
+    fused.load_state_dict(policy.state_dict())
+    assert sum("_unfused_forward" in m.__dict__ for m in fused.modules()) == len(adapted)
+    for model in (policy, fused):
+        model.zero_grad()
+        model.token_log_probs(batch, tokens).sum().backward()
+    for (name, a), b in zip(policy.named_parameters(), fused.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="lora_targets"):
         OpenVLAOptions(lora_rank=4, lora_targets="everything")
 
