@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             torch.nn.init.normal_(p, std=1e-3)
     params = sum(p.numel() for p in policy.parameters())
     seq = len(policy._prompt_ids(INSTRUCTIONS[0])) + 7
-    bench.meta.update(params=params, tokens_per_sample=seq, build_s=round(time.time() - t, 1),
+    bench.meta.update(params=params, tokens_per_sample=seq, build_s=round(time.time() - t, 1), lora_targets=off.lora_targets,
                       lora_params=sum(p.numel() for p in policy.parameters() if p.requires_grad))
     print(bench.meta, flush=True)
     sample_flops, lora_flops = 2 * params * seq, 4 * params * seq
