@@ -331,6 +331,12 @@ def adapt_remote_openvla(remote: nn.Module) -> VLAForActionPrediction:
 LORA_TARGETS = ("decoder", "all_linear")
 
 
+def check_lora_targets(targets: str) -> str:
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"policy.openvla.lora_targets={targets!r}; use one of {', '.join(LORA_TARGETS)}")
+    return targets
+
+
 def lora_target_names(model: VLAForActionPrediction, targets: str = "decoder") -> list[str]:
     """Names (relative to ``model.model``, the body) of the linear layers LoRA adapts.
 
@@ -340,10 +346,8 @@ def lora_target_names(model: VLAForActionPrediction, targets: str = "decoder") -
     which the features never pass through (frozen by :class:`ViT`: an adapter there would get no gradient, which
     DDP rejects).
     """
-    if targets not in LORA_TARGETS:
-        raise ValueError(f"policy.openvla.lora_targets={targets!r}; use one of {', '.join(LORA_TARGETS)}")
     body = model.model
-    if targets == "decoder":
+    if check_lora_targets(targets) == "decoder":
         return [f"language_model.{name}" for name, module in body.language_model.named_modules()
                 if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LLAMA_LINEARS]
     return [name for name, module in body.named_modules()
@@ -410,8 +414,7 @@ class OpenVLAOptions:
     def __post_init__(self):
         if self.loader not in ("native", "hf"):
             raise ValueError(f"policy.openvla.loader={self.loader!r}; use 'native' or 'hf'")
-        if self.lora_targets not in LORA_TARGETS:
-            raise ValueError(f"policy.openvla.lora_targets={self.lora_targets!r}; use one of {', '.join(LORA_TARGETS)}")
+        check_lora_targets(self.lora_targets)
         for name in ("fused_ops", "fused_lora", "compile_layers"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() in ("true", "false"):
