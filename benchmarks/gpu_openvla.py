@@ -1096,14 +1096,16 @@ def main(argv=None):
                     if not lora_options["static-shape compile"]:  # b80: the shape-generic graph again
                         _recompiled(pmodel, dynamic=True, last_eager=True)
             del pix, ids, mask, adv, rb
-        b = LORA_LARGEST if not tiny else sizes["lora"][-1] + 1
-        pix, ids, mask, adv = batch_of(b, True)
-        rb = ReinforceBatch(pix, ids, mask, adv)
-        with _options(pmodel, lora_options):
-            bench.measure("LoRA", "ours + compiled decoder layers", b,
-                          lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora, need_s=RESERVE_LORA_LARGEST,
-                          warmup=2, note="as above" + _options_note(lora_options))
-        del pix, ids, mask, adv, rb
+        for b in (LORA_LARGEST, LORA_LARGEST - 8) if not tiny else (sizes["lora"][-1] + 1,):  # smaller if OOM
+            pix, ids, mask, adv = batch_of(b, True)
+            rb = ReinforceBatch(pix, ids, mask, adv)
+            with _options(pmodel, lora_options):
+                row = bench.measure("LoRA", "ours + compiled decoder layers", b,
+                                    lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
+                                    need_s=RESERVE_LORA_LARGEST, warmup=2, note="as above" + _options_note(lora_options))
+            del pix, ids, mask, adv, rb
+            if row["status"] != "OOM":
+                break
         fk.compile_decoder_layers(pmodel, False)
         fused_ops(False)
 
