@@ -34,6 +34,7 @@ in the action set, sampler and teacher-forced log-probs, left padding, fused ops
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -72,7 +73,8 @@ RESERVE_LORA_LARGEST = 25  # the LoRA batch-80 row (the best LoRA figure)
 LORA_ESSENTIAL = 60  # the LoRA rows the targets need: check, naive b32, ours b32 (compiles), b64, b80
 RESERVE_LORA = LORA_ESSENTIAL + 40  # + the LoRA option rows (~7 s each) and diagnoses
 RESERVE_TRAIN = 150  # full-FT naive + ours b32/48/64 (~55 s) + the LoRA section: what sampling's option rows leave
-LORA_GRAD_SPLIT = 8  # the split of the adapter-gradient row (N = batch x 284 rows: 8 divides every even batch)
+LORA_GRAD_SPLIT = 8  # the adapter-gradient row's split unless lora_small_gemms times another one faster
+LORA_GRAD_SPLITS = (2, 4, 8, 16, 32)  # the splits lora_small_gemms times (N = batch x 284 rows: 4 divides any batch)
 IMAGE_TOKEN = 32000
 ACTION_IDS = torch.arange(31744, 32000)
 N_ACT = 7
@@ -379,11 +381,12 @@ LORA_LINEARS = {"q/k/v/o": (4096, 4096, 4), "gate/up": (4096, 11008, 2), "down":
 
 
 def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA_LINEARS, layers: int = 32,
-                     split: int = 8, iters: int = 10) -> dict:
+                     splits: tuple[int, ...] = LORA_GRAD_SPLITS, iters: int = 10) -> dict:
     """The rank-r products of one LoRA step, timed alone per linear shape: each moves a whole ``[rows, in]`` or
     ``[rows, out]`` activation for few FLOPs, so the measure is GB/s against the memory roofline (~4.8 TB/s on an
     H200). The weight-gradient products (``dyb^T x``, ``dy^T xa``) have a tiny ``[r, in]`` output and a long
-    reduction; ``split``-way reduction (batched products + a sum) is timed beside cuBLAS's own choice.
+    reduction: each of ``splits`` (k-way reduction, batched products + a float32 sum: ``fast_kernels._adapter_grad``
+    itself) is timed beside cuBLAS's own choice (k = 1), and ``best_split`` is the k with the least step time.
     The frozen ``x W^T`` is timed too, plain and accumulating into its output (beta=1).
     Returns ms per op and shape, and the step's total (x linears per layer x layers) for each variant."""
     cuda = device.type == "cuda"
@@ -406,7 +409,8 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
         return (time.perf_counter() - t) * 1e3 / iters
 
     g = torch.Generator(device=device).manual_seed(0)
-    out: dict = {"rows": rows, "r": r, "split": split}
+    out: dict = {"rows": rows, "r": r}
+    splits = (1,) + tuple(k for k in splits if k > 1 and rows % k == 0)
     totals: dict[str, float] = {}
     for name, (d_in, d_out, per_layer) in linears.items():
         def rand(*shape):
@@ -423,23 +427,17 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
             "xa B^T (rank-r first)": (lambda: xa @ b.t(), act_out),
             "dyb = dy B": (lambda: dy @ b, act_out),
             "dx += dyb A (in place)": (lambda: dx.addmm_(dyb, a), 2 * act_in),
-            "grad A = dyb^T x": (lambda: dyb.t() @ x, act_in),
-            "grad B = dy^T xa": (lambda: dy.t() @ xa, act_out),
             # the frozen product itself, plain and accumulating (beta=1: what rank-r-first and the residual
             # epilogue ask of it - does reading C cost a compute-bound GEMM anything?)
             "big: x W^T": (lambda: x @ w.t(), act_out),
             "big: y += x W^T (beta=1)": (lambda: y.addmm_(x, w.t()), 2 * act_out),
         }
-        row = {}
-        if rows % split == 0:
-            ops[f"grad A, {split}-way split"] = (
-                lambda: torch.bmm(dyb.view(split, -1, r).transpose(1, 2), x.view(split, -1, d_in)).sum(0), act_in)
-            ops[f"grad B, {split}-way split"] = (
-                lambda: torch.bmm(dy.view(split, -1, d_out).transpose(1, 2), xa.view(split, -1, r)).sum(0), act_out)
-            # the same gradients either way (up to summation order)
-            err = max(float((ops[f"grad {m}, {split}-way split"][0]() - ops[f"grad {m} = {e}"][0]()).abs().max()
-                            / ops[f"grad {m} = {e}"][0]().abs().max()) for m, e in (("A", "dyb^T x"), ("B", "dy^T xa")))
-            row["split_max_rel_err"] = err
+        for k in splits:  # grad A = dyb^T x, grad B = dy^T xa, as the fused LoRA's backward computes them
+            ops[f"grad A, split {k}"] = (functools.partial(_split_adapter_grad, k, dyb, x), act_in)
+            ops[f"grad B, split {k}"] = (functools.partial(_split_adapter_grad, k, dy, xa), act_out)
+        row = {"split_max_rel_err": max(  # the same gradients whatever the split (up to summation order)
+            float((ops[f"grad {m}, split {k}"][0]() - ops[f"grad {m}, split 1"][0]()).abs().max()
+                  / ops[f"grad {m}, split 1"][0]().abs().max()) for m in "AB" for k in splits)}
         for op, (fn, moved) in ops.items():
             ms = time_ms(fn)
             row[op] = dict(ms=round(ms, 4), gb_per_s=round(moved / ms / 1e6, 1))
@@ -448,11 +446,22 @@ def lora_small_gemms(device, dtype, rows: int, r: int = 32, linears: dict = LORA
             totals[op] = totals.get(op, 0.0) + ms * per_layer * layers
         out[f"{name} ({d_in}->{d_out})"] = row
         del x, dy, y, dx, w, a, b, xa, dyb
-    default = ("xa = x A^T", "y += xa B^T (in place)", "dyb = dy B", "dx += dyb A (in place)", "grad A = dyb^T x",
-               "grad B = dy^T xa")
+    default = ("xa = x A^T", "y += xa B^T (in place)", "dyb = dy B", "dx += dyb A (in place)", "grad A, split 1",
+               "grad B, split 1")
     out["step_ms"] = {op: round(ms, 2) for op, ms in totals.items()}
     out["step_ms_default_total"] = round(sum(totals[op] for op in default), 2)
+    grads_ms = {k: totals[f"grad A, split {k}"] + totals[f"grad B, split {k}"] for k in splits}
+    out["best_split"] = min(grads_ms, key=grads_ms.get)
     return out
+
+
+def _split_adapter_grad(k: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``fast_kernels._adapter_grad`` with its reduction split ``k`` ways."""
+    previous, fk.LORA_GRAD_SPLIT = fk.LORA_GRAD_SPLIT, k
+    try:
+        return fk._adapter_grad(left, right)
+    finally:
+        fk.LORA_GRAD_SPLIT = previous
 
 
 def check_lora_fused(model, n_img, img, dtype, device):
@@ -715,6 +724,12 @@ def _options(model, options: dict[str, bool]):
             fk.compile_decoder_layers(model, False, suffixes=("EncoderLayer",))
 
 
+def _use_grad_split(k: int) -> None:
+    """The split the "adapter gradients split" option runs with from now on."""
+    global LORA_GRAD_SPLIT
+    LORA_GRAD_SPLIT = k
+
+
 def _recompiled(model, dynamic: bool, **kwargs) -> None:
     """Forget every compiled graph (``torch._dynamo.reset``) and compile the decoder layers again with ``dynamic``
     fixed: False = a graph per batch size (static sizes in every kernel), True = one shape-generic graph. The default
@@ -817,6 +832,8 @@ def main(argv=None):
     ap.add_argument("--no-extras", action="store_true", help="skip the regional torch.compile variants")
     ap.add_argument("--tiny-compile", action="store_true", help="with --tiny: really torch.compile (minutes on CPU)")
     ap.add_argument("--graph-check", action="store_true", help="only the CUDA-graph decode numerics check")
+    ap.add_argument("--grad-split", type=int, default=0,
+                    help="the LoRA adapter-gradient split row's k (0: the split lora_small_gemms times fastest)")
     ap.add_argument("--sampling-variants", action="store_true",
                     help="only sampling at b128/b256: naive vs fused-op variants (rotary patched or not, "
                          "shape-generic or per-shape compile), each with CUDA-graph decode, plus kernel profiles")
@@ -1066,11 +1083,12 @@ def main(argv=None):
                                 lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
                 _record_copy_sources(bench, "copy sources LoRA b%d" % b, device,
                                      lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV))
-                small = dict(linears=LORA_LINEARS, layers=32, split=LORA_GRAD_SPLIT) if not tiny else dict(
-                    linears={"q/k/v/o": (64, 64, 4), "gate/up": (64, 128, 2), "down": (128, 64, 1)}, layers=2, r=4,
-                    split=4)
-                _record(bench, "LoRA rank-r products b%d" % b,
-                        lambda fn, dev: lora_small_gemms(dev, dtype, rows=b * seq, **small), device, None)
+                small = dict(linears=LORA_LINEARS, layers=32) if not tiny else dict(
+                    linears={"q/k/v/o": (64, 64, 4), "gate/up": (64, 128, 2), "down": (128, 64, 1)}, layers=2, r=4)
+                key = "LoRA rank-r products b%d" % b
+                _record(bench, key, lambda fn, dev: lora_small_gemms(dev, dtype, rows=b * seq, **small), device, None)
+                timed = bench.meta.get(key)
+                _use_grad_split(args.grad_split or (timed["best_split"] if isinstance(timed, dict) else LORA_GRAD_SPLIT))
                 def lora_option(name, variant, note):
                     _option_row(bench, lora_options, name, pmodel, base_row, "LoRA", variant, b,
                                 lambda: reinforce_step(pmodel, opt, rb, ACTION_IDS_DEV), lora,
@@ -1078,8 +1096,10 @@ def main(argv=None):
 
                 lora_option("rank-r product first", "ours, rank-r product first (GEMM epilogue adds it)",
                             "fast_kernels.LORA_LOW_RANK_FIRST: one pass over each output less")
-                lora_option("adapter gradients split", f"ours, adapter gradients split {LORA_GRAD_SPLIT} ways",
-                            "fast_kernels.LORA_GRAD_SPLIT: batched partial products + a float32 sum")
+                if LORA_GRAD_SPLIT > 1:  # 1: cuBLAS's own reduction timed fastest alone
+                    lora_option("adapter gradients split", f"ours, adapter gradients split {LORA_GRAD_SPLIT} ways",
+                                "fast_kernels.LORA_GRAD_SPLIT: batched partial products + a float32 sum (the split "
+                                "lora_small_gemms timed fastest)")
                 if device.type == "cuda":
                     lora_option("cuBLASLt GEMMs", "ours + cuBLASLt GEMMs",
                                 "torch.backends.cuda.preferred_blas_library('cublaslt')")
