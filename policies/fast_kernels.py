@@ -181,15 +181,19 @@ def _plus_low_rank(x2: torch.Tensor, weight: torch.Tensor, low_rank_in: torch.Te
 @_opaque_when_compiled("adapter_grad", lambda left, right: left.new_empty((left.shape[1], right.shape[1])))
 def _adapter_grad(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``left^T right`` (``[N, p]``, ``[N, q]`` -> ``[p, q]``): an adapter's weight gradient, a long reduction over the
-    N = batch x tokens rows into a tiny output (p or q is the rank). :data:`LORA_GRAD_SPLIT` = k > 1 (N divisible by
-    k): k batched products over N/k rows each, summed in float32 - k times the output tiles for the GPU to spread, in
-    case the library's own choice leaves most of it idle (``benchmarks/gpu_openvla.py`` times both).
+    N = batch x tokens rows into a tiny output (p or q is the rank). :data:`LORA_GRAD_SPLIT` = k > 1: k batched
+    products over N // k rows each (the N % k rows left over as one more product), summed in float32 - k times the
+    output tiles for the GPU to spread, in case the library's own choice leaves most of it idle
+    (``benchmarks/gpu_openvla.py`` times both).
     """
     k, n = LORA_GRAD_SPLIT, left.shape[0]
-    if k > 1 and n % k == 0:
-        parts = torch.bmm(left.view(k, n // k, -1).transpose(1, 2), right.view(k, n // k, -1))
-        return parts.sum(0, dtype=torch.float32).to(left.dtype)
-    return left.t() @ right
+    if k <= 1 or n < k:
+        return left.t() @ right
+    m, acc = n - n % k, torch.promote_types(left.dtype, torch.float32)
+    grad = torch.bmm(left[:m].view(k, m // k, -1).transpose(1, 2), right[:m].view(k, m // k, -1)).sum(0, dtype=acc)
+    if m < n:
+        grad.addmm_(left[m:].t().to(acc), right[m:].to(acc))
+    return grad.to(left.dtype)
 
 
 class _LoRALinearFn(torch.autograd.Function):

@@ -224,7 +224,7 @@ def test_fused_lora_matches_peft(model, monkeypatch, low_rank_first):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("low_rank_first,grad_split", [(False, 1), (True, 1), (False, 4)])
+@pytest.mark.parametrize("low_rank_first,grad_split", [(False, 1), (True, 1), (False, 4), (False, 5)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_compiled_lora_linear_matches_eager_and_copies_no_output(monkeypatch, low_rank_first, grad_split, with_bias):
     """Under torch.compile the in-place accumulate must stay in place: a functionalised ``addmm`` copies the
