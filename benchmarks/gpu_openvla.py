@@ -14,8 +14,9 @@ teacher-forced log-prob rows and uncompiled training rows are in benchmarks/resu
   (d) LoRA r=32 on all linear layers (peft ``target_modules="all-linear"``: vision tower, projector and
       language model; OpenVLA's finetune.py recipe and ENVIRONMENT.md's naive 29.1/s; runs 1-6 adapted the
       language model only), batch 32/64: naive peft (b32) vs ours (fused LoRA + compiled decoder layers);
-      optional rows at b64 (rank-r product first, adapter gradients split 8 ways, cuBLASLt GEMMs, SigLIP
-      layers compiled, static-shape compile), and b80 with whichever of them was faster.
+      optional rows at b64 (rank-r product first, adapter gradients split k ways with the k the rank-r
+      diagnosis timed fastest, cuBLASLt GEMMs, SigLIP layers compiled, static-shape compile), and b80 with
+      whichever of them was faster.
 Correctness first: ours and naive HF, each against an fp32 copy of the model (fp64 with --tiny),
 on one small batch; ours must be no farther from the reference than naive (see check_against_reference).
 
