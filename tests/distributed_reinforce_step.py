@@ -7,6 +7,9 @@ Each rank writes what it saw to ``OUT/rank{r}.pt``; :func:`reference_update` rec
 Then train-vla's update (``vla_razor.vla_train.policy_gradient_update``) on UNEVEN trajectory batches -- rank 0 has
 3 trajectories (6 steps) in 2 minibatches, rank 1 has 2 (3 steps) in 1 -- must equal one process's update on the union of both:
 reward-normalized baseline over all 5, token mean over all their action tokens (:func:`reference_trajectory_update`).
+
+``python ... OUT STRATEGY [LORA_TARGETS]``: with LORA_TARGETS (e.g. ``all_linear``) the policy trains rank-4 LoRA
+adapters on those layers instead of every weight.
 """
 import sys
 from pathlib import Path
@@ -23,10 +26,11 @@ INSTRUCTIONS = ["pick coke can", "open the top drawer"]
 LR = 0.5
 
 
-def make_policy(seed: int):
+def make_policy(seed: int, lora_targets: str | None = None):
     torch.manual_seed(seed)
+    options = OpenVLAOptions(lora_rank=4, lora_alpha=8, lora_targets=lora_targets) if lora_targets else OpenVLAOptions()
     cfg = PolicyConfig(kind="openvla_tiny", model=VLAModelConfig(image_size=28, patch_size=14, proprio_dim=None),
-                       openvla=OpenVLAOptions())
+                       openvla=options)
     return build_policy(cfg, INSTRUCTIONS)
 
 
@@ -64,11 +68,11 @@ def union(parts: list[tuple]) -> tuple[TensorDict, torch.Tensor, torch.Tensor]:
             torch.cat([rewards for _, _, rewards in parts]))
 
 
-def reference_trajectory_update(initial: dict) -> dict[str, torch.Tensor]:
+def reference_trajectory_update(initial: dict, lora_targets: str | None = None) -> dict[str, torch.Tensor]:
     from vla_razor.distributed import PolicyForward
     from vla_razor.vla_train import policy_gradient_update
 
-    policy = make_policy(0)
+    policy = make_policy(0, lora_targets)
     policy.load_state_dict(initial)
     policy_gradient_update(PolicyForward(policy), *union([trajectories(0), trajectories(1)]), torch.optim.SGD(policy.parameters(), lr=LR),
                            objective="reinforce", minibatch_steps=3, max_grad_norm=1e9)
@@ -77,7 +81,7 @@ def reference_trajectory_update(initial: dict) -> dict[str, torch.Tensor]:
 
 def reference_update(results: list[dict]) -> dict[str, torch.Tensor]:
     """Rank 0's initial weights after one SGD step on the gradient averaged over every rank's batch."""
-    policy = make_policy(0)
+    policy = make_policy(0, results[0]["lora_targets"])
     policy.load_state_dict(results[0]["initial"])
     for result in results:
         loss, _ = reinforce_objective(policy.token_log_probs(result["batch"], result["tokens"]), result["rewards"])
@@ -89,7 +93,7 @@ def reference_update(results: list[dict]) -> dict[str, torch.Tensor]:
     return policy.state_dict()
 
 
-def main(out: Path, strategy: str) -> None:
+def main(out: Path, strategy: str, lora_targets: str | None = None) -> None:
     from vla_razor.distributed import DistributedConfig, gather_stats, load_state, make_accelerator, optimizer_state, \
         policy_state, prepare, rank, unwrap_policy, world_size
 
@@ -97,7 +101,7 @@ def main(out: Path, strategy: str) -> None:
     accelerator = make_accelerator(distributed)
     r = rank(accelerator)
     assert world_size(accelerator) == 2, "launch with --num_processes 2"
-    policy = make_policy(seed=100 + r)
+    policy = make_policy(seed=100 + r, lora_targets=lora_targets)
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
     wrapped, optimizer = prepare(accelerator, policy, lambda params: torch.optim.SGD(params, lr=LR), distributed)
 
@@ -141,9 +145,10 @@ def main(out: Path, strategy: str) -> None:
     torch.save({"initial": initial, "final": final, "batch": batch, "tokens": tokens, "rewards": rewards,
                 "local_stats": stats, "stats": gather_stats(accelerator, stats), "after_trajectory_update": after,
                 "update": update, "saved_weights": saved_weights, "continued": continued, "reloaded": reloaded,
-                "resumed": weights(), "saved_optimizer_keys": len(saved_optimizer.get("state", {}))},
+                "resumed": weights(), "saved_optimizer_keys": len(saved_optimizer.get("state", {})),
+                "lora_targets": lora_targets},
                out / f"rank{r}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ddp")
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ddp", sys.argv[3] if len(sys.argv) > 3 else None)

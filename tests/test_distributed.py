@@ -21,13 +21,15 @@ def _script():
     return module
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+@pytest.fixture(scope="module", params=["ddp", "fsdp", "ddp all_linear"])
 def launched(request, tmp_path_factory) -> list[dict]:
-    """The script under ``accelerate launch --num_processes 2``, once per strategy; both ranks' records."""
-    out = tmp_path_factory.mktemp(f"distributed_{request.param}")
+    """The script under ``accelerate launch --num_processes 2``, once per strategy (full fine-tune; "ddp all_linear":
+    LoRA on every linear layer the features pass through, which DDP requires to all get gradients); both ranks'
+    records."""
+    out = tmp_path_factory.mktemp(f"distributed_{request.param.replace(' ', '_')}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(out), request.param]
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), str(out), *request.param.split()]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -45,6 +47,8 @@ def test_two_process_reinforce_step_syncs_weights_and_averages_gradients(launche
     want = _script().reference_update(results)
     moved = [k for k in want if not torch.equal(want[k], initial[0][k])]
     assert moved
+    if results[0]["lora_targets"]:  # only adapters move, the vision tower's among them
+        assert all("lora_" in k for k in moved) and any("featurizer" in k for k in moved), moved
     for key in want:
         torch.testing.assert_close(finals[0][key], want[key], atol=1e-6, rtol=1e-5, msg=key)
     # gathered stats are the mean of the ranks' local stats, the same on both ranks
@@ -60,7 +64,7 @@ def test_policy_gradient_update_over_uneven_process_batches_equals_one_process_o
     after = [r["after_trajectory_update"] for r in results]
     for key in after[0]:
         assert torch.equal(after[0][key], after[1][key]), f"{key} differs between ranks"
-    want = _script().reference_trajectory_update(results[0]["final"])
+    want = _script().reference_trajectory_update(results[0]["final"], results[0]["lora_targets"])
     moved = [k for k in want if not torch.equal(want[k], results[0]["final"][k])]
     assert moved
     for key in want:
