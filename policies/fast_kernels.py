@@ -182,9 +182,9 @@ def _plus_low_rank(x2: torch.Tensor, weight: torch.Tensor, low_rank_in: torch.Te
 def _adapter_grad(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``left^T right`` (``[N, p]``, ``[N, q]`` -> ``[p, q]``): an adapter's weight gradient, a long reduction over the
     N = batch x tokens rows into a tiny output (p or q is the rank). :data:`LORA_GRAD_SPLIT` = k > 1: k batched
-    products over N // k rows each (the N % k rows left over as one more product), summed in float32 - k times the
-    output tiles for the GPU to spread, in case the library's own choice leaves most of it idle
-    (``benchmarks/gpu_openvla.py`` times both).
+    products over N // k rows each (the N % k rows left over as one more product), summed in float32 (or the input's
+    wider type) - k times the output tiles for the GPU to spread, in case the library's own choice leaves most of it
+    idle (``benchmarks/gpu_openvla.py`` times both).
     """
     k, n = LORA_GRAD_SPLIT, left.shape[0]
     if k <= 1 or n < k:
