@@ -999,26 +999,29 @@ def main(argv=None):
         # layer stays eager so its o_proj / MLP run on the 8 positions the head reads (as LoRA and the product path)
         fk.compile_decoder_layers(model, True, last_eager=True)
     fused_ops(True)  # the eager last layer's norm / rotary / SwiGLU, as the product path (apply_speedups) has them
+    full_options: dict[str, bool] = {}  # optional speed-ups measured at the largest batch: True = it was faster
+    bench.meta["full-FT options faster"] = full_options
     for b in sizes["full"]:
         pix, ids, mask, adv = batch_of(b, True)
         rb = ReinforceBatch(pix, ids, mask, adv)
-        bench.measure("full-FT", "ours + compiled decoder layers", b,
-                      lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=15 + b * 0.1 + LORA_ESSENTIAL,
-                      warmup=2, note="action head, regional torch.compile fwd+bwd, last layer trimmed, fused AdamW, no ckpt")
+        ours_row = bench.measure("full-FT", "ours + compiled decoder layers", b,
+                                 lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full,
+                                 need_s=15 + b * 0.1 + LORA_ESSENTIAL, warmup=2,
+                                 note="action head, regional torch.compile fwd+bwd, last layer trimmed, fused AdamW, no ckpt")
         if b == sizes["full"][-1]:  # never profiled before: where the ~0.3 s beside the GEMMs goes
             _record_profile(bench, "profile_full_b%d" % b, device, lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV))
+
+            def full_option(name, variant, need_s, note):
+                _option_row(bench, full_options, name, model, ours_row, "full-FT", variant, b,
+                            lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full, need_s=need_s + RESERVE_LORA,
+                            note=note)
+
             if device.type == "cuda":
-                with _blas_library("cublaslt"):
-                    bench.measure("full-FT", "ours + cuBLASLt GEMMs", b,
-                                  lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full,
-                                  need_s=20 + RESERVE_LORA, warmup=2,
-                                  note="torch.backends.cuda.preferred_blas_library('cublaslt')")
+                full_option("cuBLASLt GEMMs", "ours + cuBLASLt GEMMs", 20,
+                            "torch.backends.cuda.preferred_blas_library('cublaslt')")
             if use_compile and not args.no_extras:  # run 3: +1.3 % at b48, run 4: +0.1 %; the vision tower trains too
-                with _options(model, {"SigLIP layers compiled": True}):
-                    bench.measure("full-FT", "ours + SigLIP layers compiled", b,
-                                  lambda: reinforce_step(model, opt, rb, ACTION_IDS_DEV), full,
-                                  need_s=25 + RESERVE_LORA, warmup=2,
-                                  note="vision encoder layers regionally compiled (fixed shapes), forward and backward")
+                full_option("SigLIP layers compiled", "ours + SigLIP layers compiled", 25,
+                            "vision encoder layers regionally compiled (fixed shapes), forward and backward")
         del pix, ids, mask, adv, rb
     if use_compile and not args.no_extras:  # b48 / b64 above ran the shape-generic graph a second batch size gets
         b = sizes["full"][-1]

@@ -343,8 +343,8 @@ def lora_target_names(model: VLAForActionPrediction, targets: str = "decoder") -
     ``"decoder"``: the Llama decoder's seven projections per layer. ``"all_linear"``: OpenVLA's
     ``vla-scripts/finetune.py`` recipe (peft ``target_modules="all-linear"``): every linear layer of the body - both
     ViTs, the projector and the decoder - but not the action head, and not the ViTs' last block and attention pool,
-    which the features never pass through (frozen by :class:`ViT`: an adapter there would get no gradient, which
-    DDP rejects).
+    which the features never pass through (frozen by :func:`~policies.openvla_vision.freeze_unread_parts`: an adapter
+    there would get no gradient, which DDP rejects).
     """
     body = model.model
     if check_lora_targets(targets) == "decoder":
