@@ -94,6 +94,13 @@ def placement_box(name: str) -> tuple[tuple[float, float], tuple[float, float]]:
     return tuple(getattr(cls, spec.x_range_attr)), tuple(getattr(cls, spec.y_range_attr))
 
 
+def default_render_backend() -> str:
+    """SAPIEN's renderer: the CUDA one where torch sees a GPU, else the CPU (Vulkan lavapipe) one."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 def make_task(
     name: str,
     image_size: int = 128,
@@ -127,6 +134,8 @@ def make_task(
 
     if max_episode_steps is not None:
         env_kwargs["max_episode_steps"] = max_episode_steps
+    # ManiSkill asks for a CUDA renderer by default and warns on every env made without one; say "cpu" up front
+    env_kwargs.setdefault("render_backend", default_render_backend())
     env = gym.make(
         spec.env_id,
         obs_mode="rgb" if render_images else "state_dict",
