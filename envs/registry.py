@@ -94,6 +94,17 @@ def placement_box(name: str) -> tuple[tuple[float, float], tuple[float, float]]:
     return tuple(getattr(cls, spec.x_range_attr)), tuple(getattr(cls, spec.y_range_attr))
 
 
+def require_simulator(name: str) -> None:
+    """Raise, in this process, the one-line error that making task `name` would raise in an env worker, where it
+    would come back buried in a traceback: no usable Vulkan device for SAPIEN, or SimplerEnv not installed."""
+    if is_simpler_task(name):
+        simpler.require_simpler()
+    else:
+        from envs.vulkan import require_vulkan
+
+        require_vulkan()
+
+
 def default_render_backend() -> str:
     """SAPIEN's renderer: the CUDA one where torch sees a GPU, else the CPU (Vulkan lavapipe) one."""
     import torch

@@ -168,7 +168,8 @@ def cli(*overrides: str, **kwargs) -> subprocess.CompletedProcess:
 def test_cli_rejects_unknown_task_and_misspelt_fields(tmp_path):
     bad_task = cli("env=pick_cube", f"out_dir={tmp_path}/a")
     known = "known: ['close_drawer', 'open_drawer', 'pick_can', 'simpler_pick_coke_can'"
-    assert bad_task.returncode != 0 and known in bad_task.stdout + bad_task.stderr
+    assert bad_task.returncode != 0 and known in bad_task.stderr
+    assert bad_task.stderr.startswith("collect-demos: error: env='pick_cube'") and "Traceback" not in bad_task.stderr
     typo = cli("per_cel=3", f"out_dir={tmp_path}/b")
     assert typo.returncode != 0 and "per_cel" in typo.stdout + typo.stderr
 
@@ -177,7 +178,20 @@ def test_cli_refuses_a_non_empty_foreign_out_dir(tmp_path):
     pytest.importorskip("mani_skill", reason="placement_box imports mani_skill")
     (tmp_path / "notes.txt").write_text("mine")
     result = cli(f"out_dir={tmp_path}", "grid=1", "per_cell=1")
-    assert result.returncode != 0 and "not a vla-razor demos dataset" in result.stdout + result.stderr
+    assert result.returncode != 0 and "not a vla-razor demos dataset" in result.stderr
+    assert result.stderr.startswith("collect-demos: error:") and "Traceback" not in result.stderr
+
+
+def test_cli_without_a_vulkan_device_says_how_to_get_one_in_one_line(tmp_path):
+    pytest.importorskip("mani_skill", reason="placement_box imports mani_skill")
+    # a Vulkan loader pointed at a driver list that does not exist finds no device
+    no_vulkan = {**os.environ, "VK_ICD_FILENAMES": str(tmp_path / "none.json"),
+                 "VK_DRIVER_FILES": str(tmp_path / "none.json")}
+    result = cli(f"out_dir={tmp_path}/demos", "grid=1", "per_cell=1", env=no_vulkan)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("collect-demos: error: no usable Vulkan device for SAPIEN")
+    assert "scripts/setup_vulkan.sh" in result.stderr
+    assert not (tmp_path / "demos" / "shards").exists()
 
 
 # --- the real simulator ------------------------------------------------------------------------------------------

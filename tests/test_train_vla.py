@@ -334,3 +334,24 @@ def test_eval_forgetting_scores_the_base_on_prior_tasks_even_with_eval_prior_fal
     cfg = forgetting.EvalConfig(new_task_positions=2, prior_positions=2, prior=False)
     row = forgetting.evaluate_checkpoint(None, None, str(base_path), None, forgetting.TaskSet(), cfg, prior=True)
     assert (row["base_prior_score"], row["prior_score"], row["forgetting"]) == (100.0, 0.0, 100.0)
+
+
+def test_env_workers_are_not_started_without_a_vulkan_device_and_the_cli_error_is_one_line(monkeypatch):
+    """Missing Vulkan surfaces in this process, before any env worker (where it would come back as a worker's
+    traceback), and the training / evaluation CLIs turn it into their one-line error."""
+    from omegaconf import OmegaConf
+
+    from envs import vulkan
+    from vla_razor.cli.common import run_config
+    from vla_razor.rollouts import make_task_envs
+
+    monkeypatch.setattr(vulkan, "vulkan_status", lambda: (False, "RuntimeError: failed to find a rendering device"))
+    with pytest.raises(vulkan.VulkanUnavailableError, match="scripts/setup_vulkan.sh"):
+        make_task_envs("pick_can", [[0.0, 0.0], [0.1, 0.1]], num_workers=2)
+
+    def job(cfg):
+        make_task_envs("open_drawer", None, num_workers=2, episodes=2)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_config("eval-forgetting", job, OmegaConf.create({}))
+    assert str(exit_info.value).startswith("eval-forgetting: error: no usable Vulkan device for SAPIEN")

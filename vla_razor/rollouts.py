@@ -57,6 +57,9 @@ def make_task_envs(task: str, positions: Sequence[Sequence[float]] | None, num_w
     ``positions=None``: the task places its object itself (from the reset seed); ``episodes`` then bounds the
     worker count. ``processes=False`` steps the workers in this process (tests, debugging).
     """
+    from envs.registry import require_simulator
+
+    require_simulator(task)
     if positions is None:
         shares = [None] * max(1, min(num_workers, episodes or num_workers))
     else:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from data_collection.collect import MAX_ATTEMPTS_PER_CELL, MAX_CELLS, Throughput, WorkerSpec, run_workers
 from data_collection.dataset import (
@@ -31,6 +30,8 @@ from data_collection.dataset import (
     shard_cells,
     write_metadata,
 )
+from envs.registry import require_simulator
+from vla_razor.cli.common import run_config
 
 log = logging.getLogger("collect-demos")
 
@@ -172,6 +173,7 @@ def _short(value) -> str:
 
 def run(cfg: CollectDemosConfig) -> dict:
     validate(cfg)
+    require_simulator(cfg.env)
     root = Path(cfg.out_dir)
     started = time.time()
     wanted = build_metadata(cfg)
@@ -243,7 +245,7 @@ def collect_with_progress(spec: WorkerSpec, todo: list[int], n_cells: int, n_don
 
 @hydra.main(config_path="../../configs", config_name="collect_demos", version_base="1.3")
 def main(cfg) -> None:
-    run(OmegaConf.to_object(cfg))
+    run_config("collect-demos", run, cfg)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from data_collection.dataset import DatasetError
+from envs.vulkan import VulkanUnavailableError
 from vla_razor.checkpoint import CheckpointError
 
-# What a user can fix (a bad value, a missing file, package or checkpoint): one line, never a traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError, CheckpointError, MissingMandatoryValue)
+# What a user can fix (a bad value; a missing file, package, checkpoint or Vulkan device; a foreign or corrupt
+# demos folder): one line, never a traceback.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError, CheckpointError, MissingMandatoryValue,
+               DatasetError, VulkanUnavailableError)
 
 
 def run_config(program: str, job: Callable[[Any], Any], cfg) -> Any:

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from envs.parity_mnist import build_parity_mnist, download
 from policies.mlp import StackedMLP
 from vla_razor import parity_mnist as study
+from vla_razor.cli.common import run_config
 from vla_razor.report import write_report
 from vla_razor.results import read_tables, write_rows
 
@@ -178,7 +179,7 @@ def teacher_probs(model: StackedMLP, rows: list[dict], data) -> torch.Tensor:
 
 @hydra.main(config_path="../../configs", config_name="parity_mnist", version_base="1.3")
 def main(cfg) -> None:
-    run(OmegaConf.to_object(cfg))
+    run_config("parity-mnist", run, cfg)
 
 
 if __name__ == "__main__":
