@@ -480,9 +480,10 @@ def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, tempe
     tokenizer = LlamaPromptTokenizer.from_dir(options.weights_dir)
     device = torch.device(options.device if options.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
+    dims = dims or (dims_from_config(config) if options.loader == "native" else OPENVLA_7B)
     model = load_openvla_model(options, config, device, resolve_dtype(options.dtype, device), dims)
     return openvla_policy(model, tokenizer, options, prompt_template=prompt_template, temperature=temperature,
-                          action_tokenizer=action_tokenizer, dims=dims or OPENVLA_7B, source=options.weights_dir)
+                          action_tokenizer=action_tokenizer, dims=dims, source=options.weights_dir)
 
 
 def openvla_policy(model: VLAForActionPrediction, tokenizer, options: OpenVLAOptions, *, prompt_template: str,

@@ -3,11 +3,15 @@
 A policy file (``policy.pt``) stores the config it was built from, the prompt vocabulary, the weights (incl. the
 proprio normalization buffers) and free-form ``extra`` metadata (which demos, which step), so ``load_policy`` needs
 nothing else -- the base used for KL and forgetting is just another policy file.
+
+OpenVLA-7B (``kind=openvla``) starts from its released checkpoint folder (``policy.openvla.weights_dir``), so its
+files hold only what differs from it: the parameters that train (the adapters under LoRA, not 15 GB), and none for
+the released model itself (:func:`save_released_base`, the base of every OpenVLA-7B fine-tune).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from policies.openvla import (OpenVLAOptions, apply_speedups, build_openvla, build_openvla_policy, configure_training,
@@ -68,11 +72,30 @@ def build_policy(cfg: PolicyConfig, instructions: list[str], words: list[str] | 
 
 def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConfig, extra: dict | None = None,
                 state_dict: dict | None = None) -> Path:
-    """``state_dict``: the weights to write instead of ``policy.state_dict()`` (a sharded policy's, gathered)."""
+    """``state_dict``: the weights to write instead of ``policy.state_dict()`` (a sharded policy's, gathered).
+    For ``kind=openvla`` only the parameters that train are written; the rest load from the released checkpoint."""
+    weights = policy.state_dict() if state_dict is None else state_dict
+    if cfg.kind == "openvla":
+        trained = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
+        weights = {name: value for name, value in weights.items() if name in trained}
     return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(cfg),
                                   "words": getattr(policy.prompt_tokenizer, "words", None),
-                                  "state_dict": policy.state_dict() if state_dict is None else state_dict,
-                                  "extra": extra or {}})
+                                  "state_dict": weights, "extra": extra or {}})
+
+
+def released_base_config(cfg: PolicyConfig) -> PolicyConfig:
+    """The config of OpenVLA-7B as released, for the frozen base of a fine-tune: ``cfg`` without its training
+    options (no LoRA adapters, no gradient checkpointing)."""
+    return replace(cfg, openvla=replace(cfg.openvla, lora_rank=0, gradient_checkpointing=False))
+
+
+def save_released_base(path: str | os.PathLike, cfg: PolicyConfig) -> Path:
+    """A policy file for OpenVLA-7B as released: its config and no weights (they load from
+    ``policy.openvla.weights_dir``), so ``base=`` names the released model like any other base."""
+    if cfg.kind != "openvla":
+        raise ValueError(f"only policy.kind=openvla loads released weights, not {cfg.kind!r}")
+    return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(released_base_config(cfg)),
+                                  "words": None, "state_dict": {}, "extra": {"released": cfg.openvla.weights_dir}})
 
 
 def policy_config_from_dict(data: dict) -> PolicyConfig:
@@ -82,14 +105,25 @@ def policy_config_from_dict(data: dict) -> PolicyConfig:
     return PolicyConfig(**data)
 
 
-def load_policy(path: str | os.PathLike) -> tuple[TokenVLAPolicy, PolicyConfig, dict]:
-    """(policy, its config, extra metadata) from a file written by :func:`save_policy`."""
+def load_policy_header(path: str | os.PathLike) -> tuple[dict, PolicyConfig, dict]:
+    """(the file's contents, its policy config, extra metadata) of a :func:`save_policy` file, no policy built."""
     state = load_checkpoint(path)
     if state is None:
         raise FileNotFoundError(f"no policy file at {path}; train one first (train-vla / pretrain-vla) or fix the path")
     if state.get("format") != POLICY_FORMAT:
         raise CheckpointError(f"{path} is not a vla-razor policy file (format {state.get('format')!r})")
-    cfg = policy_config_from_dict(state["config"])
+    return state, policy_config_from_dict(state["config"]), state["extra"]
+
+
+def load_policy(path: str | os.PathLike) -> tuple[TokenVLAPolicy, PolicyConfig, dict]:
+    """(policy, its config, extra metadata) from a file written by :func:`save_policy`."""
+    state, cfg, _ = load_policy_header(path)
     policy = build_policy(cfg, [], words=state["words"])
-    policy.load_state_dict(state["state_dict"])
+    if cfg.kind == "openvla":  # the trained parameters over the released ones
+        unexpected = policy.load_state_dict(state["state_dict"], strict=False).unexpected_keys
+        if unexpected:
+            raise CheckpointError(f"{path} holds weights that the OpenVLA policy its own config describes lacks "
+                                  f"({', '.join(unexpected[:4])}, ...): a damaged or hand-edited policy file")
+    else:
+        policy.load_state_dict(state["state_dict"])
     return policy, cfg, state["extra"]

@@ -485,3 +485,79 @@ def test_policy_configs_validate_against_the_dataclass(name):
     policy = build_policy(cfg, INSTRUCTIONS).eval()
     out = policy(robot_batch())
     assert out["action"].shape == (3, 7) and policy.num_image_tokens == 16
+
+
+def write_demos(folder, n_episodes=4, length=3, size=16):
+    """A small pick-can demos dataset in collect-demos' format (random frames, the expert's token layout)."""
+    from data_collection.dataset import Episode, write_metadata, write_shard
+    from vla_razor.action_tokens import make_action_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    write_metadata(folder, {"task": "pick_can", "expert": "scripted", "instruction": INSTRUCTIONS[0],
+                            "image_size": size, "grid": {"n_x": 1, "n_y": 1, "positions": [[0.0, 0.0]]},
+                            "per_cell": n_episodes, "max_failures_per_cell": 0, "seed": 0, "max_episode_steps": None,
+                            "tokenizer": {"num_bins": 256, "ids": "window"}})
+    episodes = []
+    for attempt in range(n_episodes):
+        actions = torch.rand(length, 7, generator=g) * 2 - 1
+        episodes.append(Episode(cell=0, x=0.0, y=0.0, seed=attempt, attempt=attempt, success=True,
+                                images=torch.randint(0, 256, (length, size, size, 3), dtype=torch.uint8, generator=g),
+                                states=torch.randn(length, 19, generator=g), actions=actions,
+                                tokens=make_action_tokenizer().encode(actions).long()))
+    write_shard(folder, 0, episodes, attempts=n_episodes)
+
+
+def test_train_vla_fine_tunes_openvla_from_its_released_checkpoint(checkpoint, tmp_path, monkeypatch):
+    """``train-vla --algo sft policy=openvla policy.openvla.weights_dir=...`` needs no base file: the base is the
+    released checkpoint (``base=`` gets a weightless file naming it); the fine-tuned policy.pt holds only the LoRA
+    adapters, and loading either file gives back its weights."""
+    import policies.openvla as openvla_module
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vla_razor.checkpoint import load_checkpoint
+    from vla_razor.cli import train_vla
+
+    monkeypatch.setattr(openvla_module, "dims_from_config", lambda config: DIMS)  # the checkpoint is OpenVLA at tiny size
+    write_demos(tmp_path / "demos" / "pick_can")
+    base_file, out = tmp_path / "openvla_base.pt", tmp_path / "sft"
+
+    def config(weights_dir, **extra):
+        overrides = ["experiment=vla_tiny", "algo=sft", "policy=openvla", f"policy.openvla.weights_dir={weights_dir}",
+                     "policy.openvla.dtype=float32", "policy.openvla.device=cpu", "policy.openvla.lora_rank=4",
+                     "policy.openvla.lora_alpha=8",
+                     f"demos_root={tmp_path / 'demos'}", f"base={base_file}", f"out_dir={out}", "eval.at_end=false",
+                     "eval.kl_probe_states=4", "algo.lr=3e-2", "algo.batch_size=4", "algo.epochs=2",
+                     *[f"{k}={v}" for k, v in extra.items()]]
+        with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
+            return OmegaConf.to_object(compose("train_vla", overrides))
+
+    train_vla.run_training(config(checkpoint))
+
+    reference = base_file.stat().st_size
+    base_state = load_checkpoint(base_file)
+    assert base_state["state_dict"] == {} and base_state["extra"]["released"] == str(checkpoint) and reference < 10_000
+    saved = load_checkpoint(out / "policy.pt")["state_dict"]
+    assert saved and all("lora_" in name for name in saved)  # the adapters, not the released weights
+    tuned, tuned_cfg, _ = load_policy(out / "policy.pt")
+    base, base_cfg, _ = load_policy(base_file)
+    released = load(checkpoint)
+    assert tuned_cfg.openvla.lora_rank == 4 and base_cfg.openvla.lora_rank == 0
+    for name, value in saved.items():
+        torch.testing.assert_close(dict(tuned.named_parameters())[name], value)
+    assert any(value.abs().max() > 0 for name, value in saved.items() if "lora_B" in name)  # it trained
+    batch, tokens = robot_batch(), torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval().token_logits(batch, tokens), released.token_logits(batch, tokens))
+        assert (tuned.eval().token_logits(batch, tokens) - released.token_logits(batch, tokens)).abs().max() > 1e-3
+    kl = [float(line.split(",")[header.index("kl_base_to_policy")]) for header in
+          [(out / "metrics.csv").read_text().splitlines()[0].split(",")] for line in
+          (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # fresh adapters leave the base unchanged
+
+    other = tmp_path / "other_checkpoint"
+    other.mkdir()
+    with pytest.raises(ValueError, match="is not OpenVLA-7B as released in"):
+        train_vla.run_training(config(other, out_dir=tmp_path / "sft2"))
+    with pytest.raises(ValueError, match="--algo pretrain trains the tiny kinds"):
+        train_vla.run_training(config(checkpoint, algo="pretrain"))

@@ -12,6 +12,9 @@ from data_collection.dataset import DatasetError
 from envs.vulkan import VulkanUnavailableError
 from vla_razor.checkpoint import CheckpointError
 
+if not OmegaConf.has_resolver("dirname"):  # configs put outputs beside a given file: ${dirname:${base}}/...
+    OmegaConf.register_new_resolver("dirname", lambda path: str(Path(path).parent))
+
 # What a user can fix (a bad value; a missing file, package, checkpoint or Vulkan device; a foreign or corrupt
 # demos folder): one line, never a traceback.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError, CheckpointError, MissingMandatoryValue,

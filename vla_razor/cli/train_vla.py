@@ -31,7 +31,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy
+from policies.vla_factory import (PolicyConfig, build_policy, load_policy, load_policy_header, released_base_config,
+                                  save_policy, save_released_base)
+from policies.vla_policy import TokenVLAPolicy
 from vla_razor import results
 from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vla_razor.distributed import (DistributedConfig, full_weights, is_sharded, load_state, make_accelerator,
@@ -93,8 +95,6 @@ class TrainVLAConfig:
 
 
 ConfigStore.instance().store(name="train_vla_schema", node=TrainVLAConfig)
-if not OmegaConf.has_resolver("dirname"):
-    OmegaConf.register_new_resolver("dirname", lambda path: str(Path(path).parent))
 
 
 def validate(cfg: TrainVLAConfig) -> None:
@@ -105,6 +105,9 @@ def validate(cfg: TrainVLAConfig) -> None:
         raise ValueError(f"algo.schedule={algo.schedule!r} is not one of {SCHEDULES}")
     if algo.from_scratch and algo.objective != "sft":
         raise ValueError("algo.from_scratch (pretraining) needs algo.objective=sft")
+    if algo.from_scratch and cfg.policy.kind == "openvla":
+        raise ValueError("policy=openvla fine-tunes OpenVLA-7B's released weights; --algo pretrain trains the tiny "
+                         "kinds from scratch (policy=tiny_vla or openvla_tiny)")
     if algo.lr <= 0 or algo.batch_size < 1 or algo.epochs < 1 or algo.iterations < 1:
         raise ValueError("algo.lr, batch_size, epochs and iterations must be positive")
     if algo.objective != "sft" and (algo.grid < 1 or algo.trajectories_per_cell < 1):
@@ -116,7 +119,7 @@ def validate(cfg: TrainVLAConfig) -> None:
         if fraction > 0 and not (Path(cfg.demos_root) / task / "metadata.json").exists():
             raise FileNotFoundError(f"no demos for {task!r} in {Path(cfg.demos_root) / task}; collect them with "
                                     f"`collect-demos env={task} out_dir={Path(cfg.demos_root) / task}`")
-    if not algo.from_scratch and not Path(cfg.base).exists():
+    if not algo.from_scratch and cfg.policy.kind != "openvla" and not Path(cfg.base).exists():
         raise FileNotFoundError(f"base policy {cfg.base} does not exist; pretrain one with "
                                 f"`train-vla --algo pretrain` or point base= at a policy file")
 
@@ -366,6 +369,41 @@ def _cell_ids(start_xy: torch.Tensor) -> torch.Tensor:
     return torch.round(start_xy * 1e4).long() @ torch.tensor([100_000, 1])
 
 
+def fine_tuning_start(cfg: TrainVLAConfig, is_main: bool) -> tuple[TokenVLAPolicy, TokenVLAPolicy, PolicyConfig]:
+    """(frozen base, policy to train, the config the trained policy is saved with).
+
+    OpenVLA-7B starts from its released checkpoint, which is also its base: ``base=`` gets a weightless policy file
+    naming it (written once), so KL, ``eval-forgetting`` and the report treat it as any other base. The other kinds
+    start from the base policy file, whose config the fine-tuned file keeps.
+    """
+    if cfg.policy.kind == "openvla":
+        released = released_base_config(cfg.policy)
+        if Path(cfg.base).exists():
+            named = load_policy_header(cfg.base)[2].get("released")
+            if named != released.openvla.weights_dir:
+                raise ValueError(f"base={cfg.base} is not OpenVLA-7B as released in {released.openvla.weights_dir} "
+                                 f"(it names {named or 'no released checkpoint'}); with policy=openvla the base is the "
+                                 "released checkpoint: point base= at a new path (train-vla writes it there)")
+        elif is_main:
+            save_released_base(cfg.base, cfg.policy)
+            log.info("base=%s now names OpenVLA-7B as released (%s)", cfg.base, released.openvla.weights_dir)
+        base = build_policy(released, [])
+        policy = build_policy(cfg.policy, [])
+        policy_cfg = cfg.policy
+    else:
+        base, policy_cfg, _ = load_policy(cfg.base)
+        if cfg.policy.kind != policy_cfg.kind:
+            log.warning("policy=%s is ignored: fine-tuning continues the base's %s policy (%s)", cfg.policy.kind,
+                        policy_cfg.kind, cfg.base)
+        policy = base.frozen_copy()
+        for parameter in policy.parameters():
+            parameter.requires_grad_(True)
+    base.eval()
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    return base, policy, policy_cfg
+
+
 def run_training(cfg: TrainVLAConfig) -> dict:
     validate(cfg)
     accelerator = make_accelerator(cfg.distributed)
@@ -384,14 +422,11 @@ def run_training(cfg: TrainVLAConfig) -> dict:
         states = data.states()
         check_state_layout(cfg.policy, states)
         policy, base, probe = build_policy(cfg.policy, data.instructions), None, None
+        policy_cfg = cfg.policy
         policy.set_proprio_stats(states)
         policy(data.batch(torch.arange(2)))  # materialize every parameter before the optimizer sees them
     else:
-        base, _, _ = load_policy(cfg.base)
-        policy = base.frozen_copy()
-        for parameter in policy.parameters():
-            parameter.requires_grad_(True)
-        base.eval()
+        base, policy, policy_cfg = fine_tuning_start(cfg, accelerator.is_main_process)
         probe = new_task_probe(cfg)
     run = Run(cfg, policy, base, probe, accelerator)
     if not run.restore() and base is not None:
@@ -401,7 +436,7 @@ def run_training(cfg: TrainVLAConfig) -> dict:
     else:
         train_on_policy(run)
     weights = policy_state(accelerator, run.model)
-    save_main(accelerator, lambda: save_policy(final_path, policy, cfg.policy, state_dict=weights, extra={
+    save_main(accelerator, lambda: save_policy(final_path, policy, policy_cfg, state_dict=weights, extra={
         "algo": cfg.algo.name, "base": cfg.base, "demos_root": cfg.demos_root}))
     with full_weights(accelerator, run.model):
         result = finish(cfg, run, final_path) if accelerator.is_main_process else {}
