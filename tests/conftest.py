@@ -1,8 +1,50 @@
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FAKE_SIMPLER_ROOT = REPO / "tests" / "fakes" / "simpler"  # the exact-API SimplerEnv fake (its README)
+FAKE_SIMPLER_PACKAGES = ("simpler_env", "mani_skill2_real2sim")
+
+
+def _pop_simpler_modules() -> dict:
+    return {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in FAKE_SIMPLER_PACKAGES}
+
+
+@pytest.fixture
+def assets(tmp_path) -> Path:
+    """A ManiSkill2_real2sim data folder holding the overlay photo names (the fake checks existence only)."""
+    from envs.simpler import DRAWER_STATIONS
+
+    folder = tmp_path / "real2sim_data"
+    (folder / "real_inpainting").mkdir(parents=True)
+    for name in ["google_coke_can_real_eval_1.png"] + [s.overlay for s in DRAWER_STATIONS.values()]:
+        (folder / "real_inpainting" / name).write_bytes(b"")
+    return folder
+
+
+@pytest.fixture
+def fake_simpler(monkeypatch, assets):
+    """The fake SimplerEnv importable for one test, in place of a real one if that is installed (its modules and
+    gymnasium ids are set aside and restored afterwards, so no later test sees the fake)."""
+    import gymnasium as gym
+
+    from envs.simpler import SIMPLER_TASKS
+
+    real_modules = _pop_simpler_modules()
+    real_ids = {env_id: gym.registry.pop(env_id) for env_id in {t.env_id for t in SIMPLER_TASKS.values()}
+                if env_id in gym.registry}
+    before = set(gym.registry)
+    monkeypatch.syspath_prepend(str(FAKE_SIMPLER_ROOT))
+    monkeypatch.setenv("MS2_REAL2SIM_ASSET_DIR", str(assets))
+    yield importlib.import_module("simpler_env")
+    _pop_simpler_modules()
+    for env_id in set(gym.registry) - before:
+        del gym.registry[env_id]
+    gym.registry.update(real_ids)
+    sys.modules.update(real_modules)
 
 
 @pytest.fixture(scope="session")

@@ -507,14 +507,30 @@ def write_demos(folder, n_episodes=4, length=3, size=16):
     write_shard(folder, 0, episodes, attempts=n_episodes)
 
 
+def released_run_config(tmp_path, weights_dir, *overrides):
+    """train-vla's config for ``policy=openvla`` on a tiny checkpoint (demos under tmp_path/demos)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    base = ["experiment=vla_tiny", "policy=openvla", f"policy.openvla.weights_dir={weights_dir}",
+            "policy.openvla.dtype=float32", "policy.openvla.device=cpu", "policy.openvla.lora_rank=4",
+            "policy.openvla.lora_alpha=8", f"demos_root={tmp_path / 'demos'}", f"base={tmp_path / 'openvla_base.pt'}",
+            "eval.at_end=false", "eval.kl_probe_states=4"]
+    with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
+        return OmegaConf.to_object(compose("train_vla", [*base, *overrides]))
+
+
+def kl_column(run_dir):
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("kl_base_to_policy")
+    return [float(line.split(",")[column]) for line in lines[1:]]
+
+
 def test_train_vla_fine_tunes_openvla_from_its_released_checkpoint(checkpoint, tmp_path, monkeypatch):
     """``train-vla --algo sft policy=openvla policy.openvla.weights_dir=...`` needs no base file: the base is the
     released checkpoint (``base=`` gets a weightless file naming it); the fine-tuned policy.pt holds only the LoRA
     adapters, and loading either file gives back its weights."""
     import policies.openvla as openvla_module
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from vla_razor.checkpoint import load_checkpoint
     from vla_razor.cli import train_vla
 
@@ -522,21 +538,15 @@ def test_train_vla_fine_tunes_openvla_from_its_released_checkpoint(checkpoint, t
     write_demos(tmp_path / "demos" / "pick_can")
     base_file, out = tmp_path / "openvla_base.pt", tmp_path / "sft"
 
-    def config(weights_dir, **extra):
-        overrides = ["experiment=vla_tiny", "algo=sft", "policy=openvla", f"policy.openvla.weights_dir={weights_dir}",
-                     "policy.openvla.dtype=float32", "policy.openvla.device=cpu", "policy.openvla.lora_rank=4",
-                     "policy.openvla.lora_alpha=8",
-                     f"demos_root={tmp_path / 'demos'}", f"base={base_file}", f"out_dir={out}", "eval.at_end=false",
-                     "eval.kl_probe_states=4", "algo.lr=3e-2", "algo.batch_size=4", "algo.epochs=2",
-                     *[f"{k}={v}" for k, v in extra.items()]]
-        with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
-            return OmegaConf.to_object(compose("train_vla", overrides))
+    def config(weights_dir, *extra):
+        return released_run_config(tmp_path, weights_dir, "algo=sft", f"out_dir={out}", "algo.lr=3e-2",
+                                   "algo.batch_size=4", "algo.epochs=2", *extra)
 
     train_vla.run_training(config(checkpoint))
 
-    reference = base_file.stat().st_size
     base_state = load_checkpoint(base_file)
-    assert base_state["state_dict"] == {} and base_state["extra"]["released"] == str(checkpoint) and reference < 10_000
+    assert base_state["state_dict"] == {} and base_state["extra"]["released"] == str(checkpoint)
+    assert base_file.stat().st_size < 10_000
     saved = load_checkpoint(out / "policy.pt")["state_dict"]
     assert saved and all("lora_" in name for name in saved)  # the adapters, not the released weights
     tuned, tuned_cfg, _ = load_policy(out / "policy.pt")
@@ -550,14 +560,35 @@ def test_train_vla_fine_tunes_openvla_from_its_released_checkpoint(checkpoint, t
     with torch.no_grad():
         torch.testing.assert_close(base.eval().token_logits(batch, tokens), released.token_logits(batch, tokens))
         assert (tuned.eval().token_logits(batch, tokens) - released.token_logits(batch, tokens)).abs().max() > 1e-3
-    kl = [float(line.split(",")[header.index("kl_base_to_policy")]) for header in
-          [(out / "metrics.csv").read_text().splitlines()[0].split(",")] for line in
-          (out / "metrics.csv").read_text().splitlines()[1:]]
+    kl = kl_column(out)
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # fresh adapters leave the base unchanged
 
     other = tmp_path / "other_checkpoint"
     other.mkdir()
     with pytest.raises(ValueError, match="is not OpenVLA-7B as released in"):
-        train_vla.run_training(config(other, out_dir=tmp_path / "sft2"))
+        train_vla.run_training(config(other, f"out_dir={tmp_path / 'sft2'}"))
     with pytest.raises(ValueError, match="--algo pretrain trains the tiny kinds"):
-        train_vla.run_training(config(checkpoint, algo="pretrain"))
+        train_vla.run_training(config(checkpoint, "algo=pretrain"))
+
+
+def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoint, tmp_path, monkeypatch,
+                                                                       fake_simpler):
+    """The issue's command, ``train-vla --algo reinforce policy=openvla ...``: rollouts through the torchrl collector
+    on SimplerEnv's pick-coke-can (the exact-API fake), one REINFORCE update of the LoRA adapters from the released
+    base, KL measured against it."""
+    import policies.openvla as openvla_module
+    from vla_razor.cli import train_vla
+
+    monkeypatch.setattr(openvla_module, "dims_from_config", lambda config: DIMS)
+    write_demos(tmp_path / "demos" / "simpler_pick_coke_can")
+    out = tmp_path / "reinforce"
+    train_vla.run_training(released_run_config(
+        tmp_path, checkpoint, "algo=reinforce", "env=simpler_pick_coke_can", "env.num_workers=1", "env.image_size=32",
+        f"out_dir={out}", "algo.lr=3e-2", "algo.iterations=2", "algo.trajectories_per_cell=2"))
+
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 1 + 3  # iteration 0 and two updates
+    kl = kl_column(out)
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)
+    saved = load_policy(out / "policy.pt")
+    assert saved[1].kind == "openvla" and saved[2]["algo"] == "reinforce"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAKE_SIMPLER_ROOT as FAKE_ROOT
 from envs import known_tasks, make_task, placement_box, state_layout, task_instruction
 from envs.simpler import (
     COKE_CAN_BOX,
-    DRAWER_STATIONS,
     SIMPLER_TASKS,
     SimplerEnvUnavailableError,
     base_quaternion,
@@ -23,45 +23,6 @@ from envs.simpler import (
 from envs.simpler_actions import simpler_to_policy_actions, unnormalize_fractal
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_ROOT = REPO / "tests" / "fakes" / "simpler"
-FAKE_PACKAGES = ("simpler_env", "mani_skill2_real2sim")
-OVERLAYS = ["google_coke_can_real_eval_1.png"] + [s.overlay for s in DRAWER_STATIONS.values()]
-
-
-def _pop_modules() -> dict:
-    return {name: sys.modules.pop(name) for name in [m for m in sys.modules if m.split(".")[0] in FAKE_PACKAGES]}
-
-
-@pytest.fixture
-def assets(tmp_path) -> Path:
-    """A ManiSkill2_real2sim data folder holding the overlay photo names (the fake checks existence only)."""
-    folder = tmp_path / "real2sim_data"
-    (folder / "real_inpainting").mkdir(parents=True)
-    for name in OVERLAYS:
-        (folder / "real_inpainting" / name).write_bytes(b"")
-    return folder
-
-
-@pytest.fixture
-def fake_simpler(monkeypatch, assets):
-    """The fake SimplerEnv importable for one test, in place of a real one if that is installed (its modules and
-    gymnasium ids are set aside and restored afterwards)."""
-    import gymnasium as gym
-
-    real_modules = _pop_modules()
-    real_ids = {env_id: gym.registry.pop(env_id) for env_id in {t.env_id for t in SIMPLER_TASKS.values()}
-                if env_id in gym.registry}
-    before = set(gym.registry)
-    monkeypatch.syspath_prepend(str(FAKE_ROOT))
-    monkeypatch.setenv("MS2_REAL2SIM_ASSET_DIR", str(assets))
-    yield importlib.import_module("simpler_env")
-    _pop_modules()
-    for env_id in set(gym.registry) - before:
-        del gym.registry[env_id]
-    gym.registry.update(real_ids)
-    sys.modules.update(real_modules)
-
-
 def test_every_task_maps_to_simpler_envs_own_env_id_and_variant_kwargs(fake_simpler):
     assert set(known_tasks()) >= set(SIMPLER_TASKS) | {"pick_can", "open_drawer", "close_drawer"}
     for task in SIMPLER_TASKS.values():
