@@ -37,7 +37,8 @@ def steps_per_s(env, policy: TimedPolicy, frames: int) -> dict[str, float]:
     from torchrl.collectors import Collector
 
     workers = env.batch_size[0]
-    collector = Collector(env, policy, frames_per_batch=workers * 20, total_frames=frames + workers * 20)
+    collector = Collector(env, policy, frames_per_batch=workers * 20, total_frames=frames + workers * 20,
+                          auto_register_policy_transforms=False)  # as train-vla's
     iterator = iter(collector)
     next(iterator)  # warm-up batch: worker start, shader compile, first forward
     calls = policy.seconds

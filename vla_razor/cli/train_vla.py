@@ -310,7 +310,8 @@ def train_on_policy(run: Run) -> None:
         collector = Collector(env, run.policy, frames_per_batch=workers * 8, trajs_per_batch=per_iteration,
                               traj_format="cat", total_frames=-1,
                               policy_device=None if is_sharded(run.model) else accelerator.device,
-                              env_device="cpu", storing_device="cpu")
+                              env_device="cpu", storing_device="cpu",
+                              auto_register_policy_transforms=False)  # a step reads no recurrent state: no InitTracker
     run.policy.rollout_version = run.progress["updates"]
     bar = tqdm(total=algo.iterations, initial=run.progress["iteration"], desc=f"{algo.name} lr={algo.lr:g}",
                disable=not cfg.progress or not run.is_main)
