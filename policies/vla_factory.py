@@ -76,11 +76,16 @@ def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConf
     For ``kind=openvla`` only the parameters that train are written; the rest load from the released checkpoint."""
     weights = policy.state_dict() if state_dict is None else state_dict
     if cfg.kind == "openvla":
-        trained = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
-        weights = {name: value for name, value in weights.items() if name in trained}
+        weights = trained_weights(policy, weights)
     return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(cfg),
                                   "words": getattr(policy.prompt_tokenizer, "words", None),
                                   "state_dict": weights, "extra": extra or {}})
+
+
+def trained_weights(policy: TokenVLAPolicy, weights: dict) -> dict:
+    """The entries of ``weights`` (``policy``'s state dict) that training changes: its parameters that require grad."""
+    trained = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
+    return {name: value for name, value in weights.items() if name in trained}
 
 
 def released_base_config(cfg: PolicyConfig) -> PolicyConfig:

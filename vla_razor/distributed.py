@@ -186,18 +186,25 @@ def optimizer_state(wrapped: nn.Module, optimizer) -> dict:
                                                                                         cpu_offload=True))
 
 
-def load_state(wrapped: nn.Module, policy: nn.Module, optimizer, saved_policy: dict, saved_optimizer: dict) -> None:
+def load_state(wrapped: nn.Module, policy: nn.Module, optimizer, saved_policy: dict, saved_optimizer: dict,
+               partial: bool = False) -> None:
     """Load a saved policy and :func:`optimizer_state` (each process holds the whole of both); under FSDP each
-    process keeps its shard of them."""
+    process keeps its shard of them. ``partial``: ``saved_policy`` holds some of the weights (those that train),
+    the rest stay as they are; a name the policy lacks is still an error."""
     if not is_sharded(wrapped):
-        policy.load_state_dict(saved_policy)
+        unexpected = policy.load_state_dict(saved_policy, strict=not partial).unexpected_keys
+        if unexpected:
+            raise KeyError(f"saved weights the policy lacks: {unexpected[:4]}")
         optimizer.load_state_dict(saved_optimizer)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
         set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(wrapped, {f"policy.{k}": v for k, v in saved_policy.items()}, options=options)
+    options = StateDictOptions(full_state_dict=True, strict=not partial)
+    unexpected = set_model_state_dict(wrapped, {f"policy.{k}": v for k, v in saved_policy.items()},
+                                      options=options).unexpected_keys
+    if unexpected:
+        raise KeyError(f"saved weights the policy lacks: {list(unexpected)[:4]}")
     set_optimizer_state_dict(wrapped, _inner(optimizer), saved_optimizer, options=options)
 
 
