@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -221,6 +222,27 @@ def _rebuild_rotary(model: VLAForActionPrediction, device) -> None:
     language = model.model.language_model
     rotary = type(language.rotary_emb)(config=language.config)
     language.rotary_emb = rotary.to(device)
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.py"]  # config, norm stats, tokenizer, weights, remote code
+
+
+def resolve_weights_dir(weights_dir: str) -> Path:
+    """A local checkpoint folder as it is; a Hugging Face hub id (``openvla/openvla-7b``) that names no local folder
+    as its snapshot in the hub cache, downloaded there on first use (~15 GB; ``HF_HUB_OFFLINE=1`` uses the cache
+    only). Giving a hub id is the request to download."""
+    local = Path(weights_dir).expanduser()
+    if local.is_dir() or not re.fullmatch(r"[\w.-]+/[\w.-]+", weights_dir):
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        log.info("policy.openvla.weights_dir=%s is no local folder: fetching the hub snapshot", weights_dir)
+        return Path(snapshot_download(weights_dir, allow_patterns=HUB_FILES))
+    except Exception as err:  # noqa: BLE001 -- offline, unknown repo, gated, missing package: all need the same fix
+        raise FileNotFoundError(f"policy.openvla.weights_dir={weights_dir} is neither a local folder nor a hub id "
+                                f"that could be fetched ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                                "download the checkpoint to a folder and point weights_dir at it") from None
 
 
 def read_openvla_config(weights_dir: str | Path) -> dict:
@@ -475,6 +497,8 @@ def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, tempe
     if not options.weights_dir:
         raise ValueError("policy.openvla.weights_dir is empty; download an OpenVLA checkpoint (e.g. "
                          "openvla/openvla-7b) to a local folder and set policy.openvla.weights_dir=/that/folder")
+    source = options.weights_dir
+    options = replace(options, weights_dir=str(resolve_weights_dir(options.weights_dir)))
     config = read_openvla_config(options.weights_dir)
     action_tokenizer = openvla_action_tokenizer(config, options.unnorm_key)
     tokenizer = LlamaPromptTokenizer.from_dir(options.weights_dir)
@@ -483,7 +507,7 @@ def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, tempe
     dims = dims or (dims_from_config(config) if options.loader == "native" else OPENVLA_7B)
     model = load_openvla_model(options, config, device, resolve_dtype(options.dtype, device), dims)
     return openvla_policy(model, tokenizer, options, prompt_template=prompt_template, temperature=temperature,
-                          action_tokenizer=action_tokenizer, dims=dims, source=options.weights_dir)
+                          action_tokenizer=action_tokenizer, dims=dims, source=source)
 
 
 def openvla_policy(model: VLAForActionPrediction, tokenizer, options: OpenVLAOptions, *, prompt_template: str,

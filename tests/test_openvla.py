@@ -312,6 +312,31 @@ def test_bad_inputs_fail_with_the_fix(tmp_path, checkpoint):
         OpenVLAOptions(loader="timm")
 
 
+def test_a_hub_id_loads_its_snapshot_and_an_unfetchable_one_says_how_to_fix_it(checkpoint, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot(repo_id, **kwargs):  # the hub cache already holding the snapshot: no network in tests
+        asked.append((repo_id, kwargs))
+        return str(checkpoint)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    batch, tokens = robot_batch(), torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load("openvla/openvla-7b").token_logits(batch, tokens),
+                                   load(checkpoint).token_logits(batch, tokens))
+    assert asked == [("openvla/openvla-7b", {"allow_patterns": ["*.json", "*.safetensors", "*.model", "*.py"]})]
+
+    def offline(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find the requested files in the disk cache\nmore")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"weights_dir=openvla/openvla-7b is neither a local folder nor a hub id "
+                                                r"that could be fetched \(LocalEntryNotFoundError: Cannot find"):
+        load("openvla/openvla-7b")
+
+
 def tiny_config(**openvla) -> PolicyConfig:
     return PolicyConfig(kind="openvla_tiny", model=VLAModelConfig(image_size=28, patch_size=14, proprio_dim=None),
                         openvla=OpenVLAOptions(**openvla))
@@ -563,6 +588,16 @@ def test_train_vla_fine_tunes_openvla_from_its_released_checkpoint(checkpoint, t
     kl = kl_column(out)
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # fresh adapters leave the base unchanged
 
+    # the resume file holds the adapters too (and their optimizer state); a rerun restores them over the released
+    # weights and, the run being finished, writes the same policy again
+    resume = load_checkpoint(out / "checkpoint.pt")
+    assert set(resume["policy"]) == set(saved)
+    metrics = (out / "metrics.csv").read_text()
+    train_vla.run_training(config(checkpoint))
+    again = load_checkpoint(out / "policy.pt")["state_dict"]
+    assert set(again) == set(saved) and all(torch.equal(again[name], saved[name]) for name in saved)
+    assert (out / "metrics.csv").read_text() == metrics  # restored, not retrained (wall_s would differ)
+
     other = tmp_path / "other_checkpoint"
     other.mkdir()
     with pytest.raises(ValueError, match="is not OpenVLA-7B as released in"):
@@ -592,3 +627,19 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
     assert kl[0] == pytest.approx(0.0, abs=1e-6)
     saved = load_policy(out / "policy.pt")
     assert saved[1].kind == "openvla" and saved[2]["algo"] == "reinforce"
+
+    # eval-forgetting scores it against the released base named by the weightless base file
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vla_razor.cli.eval_forgetting import run_eval
+
+    with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("eval_forgetting", [
+            f"policy_file={out / 'policy.pt'}", f"base={tmp_path / 'openvla_base.pt'}",
+            f"demos_root={tmp_path / 'demos'}", "env=simpler_pick_coke_can", "env.image_size=32", "env.num_workers=1",
+            f"results={tmp_path / 'results.csv'}", f"report_dir={tmp_path / 'report'}", "eval.prior_positions=1",
+            "eval.new_task_positions=1", "eval.kl_probe_states=4", "progress=false"]))
+    [row] = run_eval(cfg)
+    assert row["method"] == "reinforce" and row["kl_base_to_policy"] == pytest.approx(kl[-1], rel=1e-4, abs=1e-7)
+    assert {"new_score", "base_prior_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer"} <= set(row)
