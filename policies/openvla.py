@@ -227,12 +227,16 @@ def _rebuild_rotary(model: VLAForActionPrediction, device) -> None:
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.py"]  # config, norm stats, tokenizer, weights, remote code
 
 
+def _is_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
 def resolve_weights_dir(weights_dir: str) -> Path:
     """A local checkpoint folder as it is; a Hugging Face hub id (``openvla/openvla-7b``) that names no local folder
     as its snapshot in the hub cache, downloaded there on first use (~15 GB; ``HF_HUB_OFFLINE=1`` uses the cache
     only). Giving a hub id is the request to download."""
     local = Path(weights_dir).expanduser()
-    if local.is_dir() or not re.fullmatch(r"[\w.-]+/[\w.-]+", weights_dir):
+    if local.is_dir() or not _is_hub_id(weights_dir):
         return local
     try:
         from huggingface_hub import snapshot_download
@@ -484,6 +488,17 @@ def load_openvla_model(options: OpenVLAOptions, config: dict, device: torch.devi
     return load_openvla_weights(model, options.weights_dir, dtype=dtype, device=device)
 
 
+def require_weights_dir(options: OpenVLAOptions) -> None:
+    """Fail early, in one line, on a ``weights_dir`` that is neither a folder nor shaped like a hub id."""
+    if not options.weights_dir:
+        raise ValueError("policy.openvla.weights_dir is empty; download an OpenVLA checkpoint (e.g. "
+                         "openvla/openvla-7b) to a local folder and set policy.openvla.weights_dir=/that/folder "
+                         "(or give the hub id to fetch it)")
+    if not Path(options.weights_dir).expanduser().is_dir() and not _is_hub_id(options.weights_dir):
+        raise FileNotFoundError(f"policy.openvla.weights_dir={options.weights_dir} is no folder (nor a hub id like "
+                                "openvla/openvla-7b); download the checkpoint there or fix the path")
+
+
 def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, temperature: float,
                          dims: OpenVLADims | None = None):
     """OpenVLA-7B as a :class:`~policies.vla_policy.TokenVLAPolicy` (224 px, 256 patches, no proprio).
@@ -494,9 +509,7 @@ def build_openvla_policy(options: OpenVLAOptions, *, prompt_template: str, tempe
     from policies.causal_lm import resolve_dtype
     from policies.vla_policy import TokenVLAPolicy
 
-    if not options.weights_dir:
-        raise ValueError("policy.openvla.weights_dir is empty; download an OpenVLA checkpoint (e.g. "
-                         "openvla/openvla-7b) to a local folder and set policy.openvla.weights_dir=/that/folder")
+    require_weights_dir(options)
     source = options.weights_dir
     options = replace(options, weights_dir=str(resolve_weights_dir(options.weights_dir)))
     config = read_openvla_config(options.weights_dir)

@@ -303,8 +303,11 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, remote):
 def test_bad_inputs_fail_with_the_fix(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="weights_dir is empty"):
         build_policy(PolicyConfig(kind="openvla"), [])
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(FileNotFoundError, match="nowhere is no folder"):
         load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load(tmp_path / "empty")
     opts = OpenVLAOptions(weights_dir=str(checkpoint), unnorm_key="libero", dtype="float32", device="cpu")
     with pytest.raises(ValueError, match=r"unnorm_key='libero'.*\['bridge_orig', 'fractal20220817_data'\]"):
         build_openvla_policy(opts, prompt_template=OPENVLA_PROMPT, temperature=1.0, dims=DIMS)

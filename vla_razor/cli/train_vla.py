@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from policies.vla_factory import (PolicyConfig, build_policy, load_policy, load_policy_header, released_base_config,
                                   save_policy, save_released_base, trained_weights)
+from policies.openvla import require_weights_dir
 from policies.vla_policy import TokenVLAPolicy
 from vla_razor import results
 from vla_razor.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -105,9 +106,11 @@ def validate(cfg: TrainVLAConfig) -> None:
         raise ValueError(f"algo.schedule={algo.schedule!r} is not one of {SCHEDULES}")
     if algo.from_scratch and algo.objective != "sft":
         raise ValueError("algo.from_scratch (pretraining) needs algo.objective=sft")
-    if algo.from_scratch and cfg.policy.kind == "openvla":
-        raise ValueError("policy=openvla fine-tunes OpenVLA-7B's released weights; --algo pretrain trains the tiny "
-                         "kinds from scratch (policy=tiny_vla or openvla_tiny)")
+    if cfg.policy.kind == "openvla":
+        if algo.from_scratch:
+            raise ValueError("policy=openvla fine-tunes OpenVLA-7B's released weights; --algo pretrain trains the "
+                             "tiny kinds from scratch (policy=tiny_vla or openvla_tiny)")
+        require_weights_dir(cfg.policy.openvla)
     if algo.lr <= 0 or algo.batch_size < 1 or algo.epochs < 1 or algo.iterations < 1:
         raise ValueError("algo.lr, batch_size, epochs and iterations must be positive")
     if algo.objective != "sft" and (algo.grid < 1 or algo.trajectories_per_cell < 1):
