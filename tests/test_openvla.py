@@ -646,3 +646,55 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
     [row] = run_eval(cfg)
     assert row["method"] == "reinforce" and row["kl_base_to_policy"] == pytest.approx(kl[-1], rel=1e-4, abs=1e-7)
     assert {"new_score", "base_prior_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer"} <= set(row)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_released_openvla_under_accelerate_launch_checkpoints_what_trains_and_resumes(checkpoint, assets, tmp_path,
+                                                                                      monkeypatch, strategy):
+    """``accelerate launch --num_processes 2 -m vla_razor.cli.train_vla --algo reinforce policy=openvla ...`` (two gloo
+    processes, SimplerEnv fake): DDP with LoRA adapters, FSDP as a full fine-tune. The checkpoint holds exactly the
+    weights that train (FSDP gathers them; the frozen unread ViT parts stay the released ones), the saved policy loads
+    in one process, and a rerun restores that partial checkpoint on every process and finds the run finished."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import FAKE_SIMPLER_ROOT
+    from vla_razor.checkpoint import load_checkpoint
+
+    assert DIMS == __import__("released_openvla_train_vla").TINY_OPENVLA_DIMS
+    import policies.openvla as openvla_module
+
+    monkeypatch.setattr(openvla_module, "dims_from_config", lambda config: DIMS)  # for loading the result here
+    repo = Path(__file__).resolve().parents[1]
+    write_demos(tmp_path / "demos" / "simpler_pick_coke_can")
+    out = tmp_path / strategy
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MS2_REAL2SIM_ASSET_DIR": str(assets),
+           "PYTHONPATH": os.pathsep.join([str(FAKE_SIMPLER_ROOT), str(repo), os.environ.get("PYTHONPATH", "")])}
+    lora = ["policy.openvla.lora_rank=4", "policy.openvla.lora_alpha=8"] if strategy == "ddp" else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(Path(__file__).with_name("released_openvla_train_vla.py")), "--algo", "reinforce", "experiment=vla_tiny",
+           "policy=openvla", f"policy.openvla.weights_dir={checkpoint}", "policy.openvla.dtype=float32",
+           "policy.openvla.device=cpu", *lora, "env=simpler_pick_coke_can", "env.image_size=32",
+           f"demos_root={tmp_path / 'demos'}", f"base={tmp_path / 'base.pt'}", f"out_dir={out}", "eval.at_end=false",
+           "eval.kl_probe_states=4", "algo.grid=2", "algo.trajectories_per_cell=1", "algo.lr=1e-2",
+           f"distributed.strategy={strategy}"]
+
+    def launch():
+        result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    launch()
+    saved = load_checkpoint(out / "checkpoint.pt")["policy"]
+    policy, cfg, _ = load_policy(out / "policy.pt")
+    trains = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
+    assert set(saved) == trains and set(load_checkpoint(out / "policy.pt")["state_dict"]) == trains
+    assert (all("lora_" in name for name in saved) if strategy == "ddp"
+            else len(saved) < len(dict(policy.named_parameters())) and not any("lora_" in n for n in saved))
+    for name, value in saved.items():
+        torch.testing.assert_close(dict(policy.named_parameters())[name], value)
+    metrics = (out / "metrics.csv").read_text()
+    rerun = launch()
+    assert "resumed from" in rerun.stdout + rerun.stderr and (out / "metrics.csv").read_text() == metrics
