@@ -5,6 +5,8 @@
     train-vla --algo reinforce experiment=embedded     # REINFORCE (reward-normalized, no KL) via a TorchRL collector
     train-vla --algo grpo | reinforce_1_0 ...          # the other shared on-policy objectives
     train-vla -m --algo sft algo.lr=1e-4,3e-4 algo.batch_size=16,32 experiment=embedded   # a sweep
+    train-vla --algo reinforce policy=openvla policy.openvla.weights_dir=/data/openvla-7b base=runs/openvla/base.pt
+                                                       # OpenVLA-7B: its released checkpoint is the base
 
 Every run logs per epoch / iteration (``<out_dir>/metrics.csv``): loss, new-task success (rollouts of RL; eval
 intervals), forward KL to the base on new-task demo states, drawer success at eval intervals, throughput. It
