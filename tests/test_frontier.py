@@ -228,3 +228,24 @@ def test_predictor_table_missing_key_is_an_error():
 def test_forgetting_is_base_minus_tuned():
     assert forgetting(80.0, 72.5) == 7.5
     np.testing.assert_allclose(forgetting(np.array([80.0, 60.0]), np.array([70.0, 65.0])), [10.0, -5.0])
+
+
+def test_report_says_why_an_r2_is_missing_and_fits_one_with_enough_runs(tmp_path):
+    from vla_razor.report import write_report
+
+    def rows(kls):
+        return [{"method": "sft" if i % 2 else "reinforce", "run": str(i), "new_score": 60.0 + i,
+                 "prior_score": 90.0 - 30 * kl, "forgetting": 30 * kl + kl * kl, "kl_base_to_policy": kl}
+                for i, kl in enumerate(kls)]
+
+    write_report(rows([0.01, 0.2]), tmp_path / "two", base_new_score=60, base_prior_score=90, title="t",
+                 predictor_keys=("kl_base_to_policy",), n_boot=20)
+    summary = (tmp_path / "two" / "summary.md").read_text()
+    assert "R² not fitted (nan): a quadratic fit needs at least 4 distinct values of the KL (here 2 among 2 runs)" \
+        in summary
+    assert "values of the predictor" in (tmp_path / "two" / "predictors.md").read_text()
+
+    write_report(rows([0.01, 0.05, 0.1, 0.2, 0.4]), tmp_path / "five", base_new_score=60, base_prior_score=90,
+                 title="t", predictor_keys=("kl_base_to_policy",), n_boot=20)
+    summary = (tmp_path / "five" / "summary.md").read_text()
+    assert "over all methods: R² = 1.000" in summary and "not fitted" not in summary

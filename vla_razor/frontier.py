@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # a quadratic has 3 coefficients, so on <= 3 distinct x values it interpolates and its R^2 says nothing
-_MIN_DISTINCT_X_FOR_R2 = 4
+MIN_DISTINCT_X_FOR_R2 = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,9 +268,9 @@ def bootstrap_r2(x, y, n_boot: int = 200, seed: int = 0) -> tuple[float, float]:
     if n_boot < 2:
         raise ValueError(f"n_boot must be >= 2 for a standard deviation, got {n_boot}")
     n_distinct = np.unique(xa).size
-    if n_distinct < _MIN_DISTINCT_X_FOR_R2:
+    if n_distinct < MIN_DISTINCT_X_FOR_R2:
         raise ValueError(
-            f"bootstrap_r2 needs at least {_MIN_DISTINCT_X_FOR_R2} distinct x values (a quadratic interpolates "
+            f"bootstrap_r2 needs at least {MIN_DISTINCT_X_FOR_R2} distinct x values (a quadratic interpolates "
             f"3), got {n_distinct}"
         )
     rng = np.random.default_rng(seed)
@@ -278,7 +278,7 @@ def bootstrap_r2(x, y, n_boot: int = 200, seed: int = 0) -> tuple[float, float]:
     values = []
     for rows in idx:
         xs, ys = xa[rows], ya[rows]
-        if np.unique(xs).size < _MIN_DISTINCT_X_FOR_R2:
+        if np.unique(xs).size < MIN_DISTINCT_X_FOR_R2:
             continue
         r2 = quadratic_r2(xs, ys)
         if not math.isnan(r2):
@@ -325,7 +325,7 @@ def predictor_table(
                 continue
             xs.append(float(xv))
             ys.append(float(yv))
-        if np.unique(xs).size >= _MIN_DISTINCT_X_FOR_R2:
+        if np.unique(xs).size >= MIN_DISTINCT_X_FOR_R2:
             mean, std = bootstrap_r2(xs, ys, n_boot=n_boot, seed=seed)
         else:
             mean, std = float("nan"), float("nan")

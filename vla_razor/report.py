@@ -76,6 +76,15 @@ def median_best_level(rows: list[dict]) -> float:
     return float(np.median([max(r["new_score"] for r in method_rows) for method_rows in _by_method(rows).values()]))
 
 
+def _too_few_runs(what: str, rows: list[dict] | None = None) -> str:
+    """Why an R² is NaN and what gives one (a quadratic through fewer distinct values fits them exactly)."""
+    have = "" if rows is None else (
+        f" (here {len(np.unique([r['kl_base_to_policy'] for r in rows if is_finite(r['kl_base_to_policy'])]))} "
+        f"among {len(rows)} runs)")
+    return (f"R² not fitted (nan): a quadratic fit needs at least {frontier.MIN_DISTINCT_X_FOR_R2} distinct values of "
+            f"{what}{have}; evaluate more runs, e.g. a learning-rate sweep")
+
+
 def _markdown(table: list[dict], columns: list[str], formats: dict[str, str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
@@ -113,7 +122,7 @@ def plot_forgetting_vs_kl(rows, path: Path, title: str) -> float:
     for color, (method, method_rows) in zip(plt.cm.tab10.colors * 3, sorted(_by_method(points).items())):
         ax.scatter([r["kl_base_to_policy"] for r in method_rows], [r["forgetting"] for r in method_rows], s=8,
                    alpha=0.6, color=color, label=method)
-    r2 = frontier.quadratic_r2(x, y) if len(np.unique(x)) >= 4 else float("nan")
+    r2 = frontier.quadratic_r2(x, y) if len(np.unique(x)) >= frontier.MIN_DISTINCT_X_FOR_R2 else float("nan")
     if not math.isnan(r2):
         xs = np.linspace(x.min(), x.max(), 200)
         ax.plot(xs, np.polyval(np.polyfit(x, y, 2), xs), color="black", lw=2, label=f"quadratic fit, R²={r2:.3f}")
@@ -158,6 +167,8 @@ def write_report(rows: list[dict], out_dir: str | Path, *, base_new_score: float
     table = frontier.predictor_table(rows, "forgetting", keys, n_boot=n_boot, seed=seed)
     write_rows(out / "predictors.csv", table)
     predictors_md = _markdown(table, ["predictor", "r2_mean", "r2_std", "n"], {"r2_mean": ".3f", "r2_std": ".3f"})
+    if any(math.isnan(r["r2_mean"]) for r in table):
+        predictors_md += "\n\n" + _too_few_runs("the predictor")
     (out / "predictors.md").write_text(f"# Forgetting predictors: R² of a quadratic fit (bootstrap mean ± std)\n\n"
                                        f"{predictors_md}\n")
     level, matched = matched_accuracy_table(rows)
@@ -179,7 +190,8 @@ def write_report(rows: list[dict], out_dir: str | Path, *, base_new_score: float
         _markdown(matched_high, ["method", "best_new_score", "kl_at_match", "forgetting_at_match"],
                   {"best_new_score": ".2f", "kl_at_match": ".4f", "forgetting_at_match": ".2f"}), "",
         f"Closest in forward KL at this level: **{matched_high[0]['method']}**.", "",
-        f"## Forgetting law: one quadratic in forward KL over all methods: R² = {law_r2:.3f}", "",
+        "## Forgetting law: one quadratic in forward KL over all methods: "
+        + (f"R² = {law_r2:.3f}" if not math.isnan(law_r2) else _too_few_runs("the KL", rows)), "",
         "## Predictors (R² of forgetting vs predictor)", predictors_md, "",
         "## Frontier fits (points within %.1f of each method's Pareto frontier)" % tolerance, *front_lines, "",
         "Plots: frontier.png, forgetting_vs_kl.png" + (", dynamics.png" if dynamics else "") + "."])
