@@ -175,7 +175,7 @@ def write_report(rows: list[dict], out_dir: str | Path, *, base_new_score: float
     high_level, matched_high = matched_accuracy_table(rows, median_best_level(rows))
     if dynamics:
         plot_dynamics(dynamics, out / "dynamics.png", title)
-    front_lines = [f"- {m}: {len(kept)} near-frontier points, fit "
+    front_lines = [f"- {m}: {len(kept)} near-frontier point{'s' * (len(kept) != 1)}, fit "
                    + (f"prior = {fit.a:.2f} + {fit.b:.3g}·exp({fit.c:.3g}·new) ({fit.kind}, R²={fit.r2:.3f})"
                       if fit else "none (too few points)") for m, (kept, fit) in sorted(fronts.items())]
     summary = "\n".join([
