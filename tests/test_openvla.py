@@ -698,3 +698,21 @@ def test_released_openvla_under_accelerate_launch_checkpoints_what_trains_and_re
     metrics = (out / "metrics.csv").read_text()
     rerun = launch()
     assert "resumed from" in rerun.stdout + rerun.stderr and (out / "metrics.csv").read_text() == metrics
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_fine_tuning_from_a_base_file_trains_what_the_build_made_trainable(tmp_path, lora_rank):
+    """From an openvla_tiny base file the fine-tuned copy trains its adapters only (under LoRA), and never the ViT
+    parts the features skip -- DDP fails on parameters that get no gradient; the base itself is all frozen."""
+    from vla_razor.cli.train_vla import TrainVLAConfig, fine_tuning_start
+
+    cfg = tiny_config(lora_rank=lora_rank, lora_alpha=8)
+    built = build_policy(cfg, INSTRUCTIONS)
+    save_policy(tmp_path / "base.pt", built, cfg)
+    base, policy, policy_cfg = fine_tuning_start(TrainVLAConfig(base=str(tmp_path / "base.pt")), is_main=True)
+    want = {name for name, parameter in built.named_parameters() if parameter.requires_grad}
+    assert {name for name, parameter in policy.named_parameters() if parameter.requires_grad} == want
+    assert any("featurizer.blocks.1" in name for name, _ in policy.named_parameters())
+    assert not any("featurizer.blocks.1" in name for name in want)
+    assert lora_rank == 0 or all("lora_" in name for name in want)
+    assert not any(parameter.requires_grad for parameter in base.parameters()) and policy_cfg == cfg

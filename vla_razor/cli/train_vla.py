@@ -410,9 +410,12 @@ def fine_tuning_start(cfg: TrainVLAConfig, is_main: bool) -> tuple[TokenVLAPolic
         if cfg.policy.kind != policy_cfg.kind:
             log.warning("policy=%s is ignored: fine-tuning continues the base's %s policy (%s)", cfg.policy.kind,
                         policy_cfg.kind, cfg.base)
+        # the policy trains what its build made trainable: LoRA adapters only, never the ViT parts the features
+        # skip (DDP fails on parameters that get no gradient)
+        trainable = {name for name, parameter in base.named_parameters() if parameter.requires_grad}
         policy = base.frozen_copy()
-        for parameter in policy.parameters():
-            parameter.requires_grad_(True)
+        for name, parameter in policy.named_parameters():
+            parameter.requires_grad_(name in trainable)
     base.eval()
     for parameter in base.parameters():
         parameter.requires_grad_(False)
