@@ -27,3 +27,14 @@ def test_missing_is_none_and_corrupt_raises(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="delete it"):
         load_checkpoint(bad)
+
+
+def test_a_memory_mapped_look_reads_zip_and_legacy_files_and_names_a_damaged_ones_own_error(tmp_path):
+    save_checkpoint(tmp_path / "new.pt", {"config": {"kind": "x"}, "weights": torch.arange(4)})
+    looked = load_checkpoint(tmp_path / "new.pt", mmap=True)
+    assert looked["config"] == {"kind": "x"} and torch.equal(looked["weights"], torch.arange(4))
+    torch.save({"a": 1}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert load_checkpoint(tmp_path / "legacy.pt", mmap=True) == {"a": 1}
+    (tmp_path / "bad.pt").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"bad.pt is unreadable \(ValueError"):
+        load_checkpoint(tmp_path / "bad.pt", mmap=True)

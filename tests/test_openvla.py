@@ -637,13 +637,22 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
 
     from vla_razor.cli.eval_forgetting import run_eval
 
+    from vla_razor.cli import eval_forgetting
+
+    scored_together = []
+    evaluate = eval_forgetting.evaluate_checkpoints
+    monkeypatch.setattr(eval_forgetting, "evaluate_checkpoints",
+                        lambda policies, *args, **kwargs: scored_together.append(len(policies)) or evaluate(
+                            policies, *args, **kwargs))
     with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("eval_forgetting", [
-            f"policy_file={out / 'policy.pt'}", f"base={tmp_path / 'openvla_base.pt'}",
+            f"policy_files=[{out / 'policy.pt'},{out / 'policy.pt'}]", f"base={tmp_path / 'openvla_base.pt'}",
             f"demos_root={tmp_path / 'demos'}", "env=simpler_pick_coke_can", "env.image_size=32", "env.num_workers=1",
             f"results={tmp_path / 'results.csv'}", f"report_dir={tmp_path / 'report'}", "eval.prior_positions=1",
             "eval.new_task_positions=1", "eval.kl_probe_states=4", "progress=false"]))
-    [row] = run_eval(cfg)
+    row, again = run_eval(cfg)
+    assert scored_together == [1, 1]  # 15 GB each at full size: one policy in memory at a time
+    assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in row.items() if k != "wall_s"}
     assert row["method"] == "reinforce" and row["kl_base_to_policy"] == pytest.approx(kl[-1], rel=1e-4, abs=1e-7)
     assert {"new_score", "base_prior_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer"} <= set(row)
 

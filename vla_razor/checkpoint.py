@@ -48,13 +48,20 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The state saved at ``path``, or None when there is none yet. A corrupt file raises CheckpointError."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any] | None:
+    """The state saved at ``path``, or None when there is none yet. A corrupt file raises CheckpointError.
+    ``mmap``: tensors stay in the file until read (a cheap look at a large file's metadata)."""
     path = Path(path)
     if not path.exists():
         return None
     try:
         # Our own files hold RNG states and config dicts, not only tensors.
+        if mmap:
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+            except RuntimeError:  # not a zip checkpoint (legacy format, or damaged): read it whole, for its own error
+                pass
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001 -- torch raises many types for a damaged zip/pickle
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); delete it to "

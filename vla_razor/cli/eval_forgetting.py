@@ -19,7 +19,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
-from policies.vla_factory import load_policy
+from policies.vla_factory import load_policy, load_policy_header
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoints, write_robot_report
 from vla_razor.cli.common import run_config
 
@@ -62,21 +62,27 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
         raise FileNotFoundError(f"no new-task demos in {demos} for the KL probe; set demos_root= or collect them")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policies, labels = {}, {}
-    for i, path in enumerate(files):
-        policy, _, extra = load_policy(path)
-        policies[f"policy{i}"] = policy
-        labels[f"policy{i}"] = (cfg.method or extra.get("algo", "unknown"), str(Path(path).parent))
+    # an OpenVLA-7B policy holds its own 15 GB model: those are scored one at a time (each task's env workers then
+    # start once per policy), the small kinds together on one set of workers per task
+    big = any(load_policy_header(path)[1].kind == "openvla" for path in files)
     base, _, _ = load_policy(cfg.base)
     probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)
-    scored = evaluate_checkpoints(policies, base, cfg.base, probe, cfg.env, cfg.eval, prior=True,
-                                  progress=cfg.progress)
     out = []
-    for name, (method, run) in labels.items():
-        row = {"method": method, "run": run, "progress": 1.0, **scored[name]}
-        rows = append_row(cfg.results, row)
-        log.info("%s", json.dumps(row))
-        out.append(row)
+    indexed = list(enumerate(files))
+    for group in ([[one] for one in indexed] if big else [indexed]):
+        policies, labels = {}, {}
+        for i, path in group:
+            name = f"policy{i}"
+            policies[name], _, extra = load_policy(path)
+            labels[name] = (cfg.method or extra.get("algo", "unknown"), str(Path(path).parent))
+        scored = evaluate_checkpoints(policies, base, cfg.base, probe, cfg.env, cfg.eval, prior=True,
+                                      progress=cfg.progress)
+        del policies
+        for name, (method, run) in labels.items():
+            row = {"method": method, "run": run, "progress": 1.0, **scored[name]}
+            rows = append_row(cfg.results, row)
+            log.info("%s", json.dumps(row))
+            out.append(row)
     write_robot_report(rows, cfg.report_dir)
     return out
 
