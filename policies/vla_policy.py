@@ -6,8 +6,9 @@
 
 - as a torchrl policy (collectors, ``env.rollout``): draws 7 action tokens autoregressively over the 256 action ids
   (one prefill + 6 cached steps, :func:`policies.openvla_fast.sample_action_tokens`) and writes
-  ``("vla_action", "tokens")`` (window ids ``[..., 1, 7]``), ``("vla_action", "log_probs")`` and the decoded
-  ``"action"`` ``[..., 7]`` the env consumes;
+  ``("vla_action", "tokens")`` (window ids ``[..., 1, 7]``), ``("vla_action", "log_probs")``, the decoded
+  ``"action"`` ``[..., 7]`` the env consumes (policy units in ``[-1, 1]``: each task maps them to its robot) and
+  ``("vla_action", "chunk")`` (the action tokenizer's decode: robot units with an OpenVLA checkpoint's norm stats);
 - as a :class:`~vla_razor.policy.TokenPolicy` (objectives, KL): ``token_logits(batch, tokens)`` gives the
   ``[..., 7, 256]`` restricted logits of all 7 positions from ONE teacher-forced forward.
 
@@ -303,10 +304,15 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
             tokens, log_probs = self._sample(tensordict, greedy=greedy)
         tokens, log_probs = tokens.clone(), log_probs.clone()
         chunk_tokens = tokens.unsqueeze(-2)  # [..., 1, 7]: torchrl's (chunk, action_dim) layout
+        # chunk: the action tokenizer's decode (robot units when it holds an OpenVLA checkpoint's norm stats, as
+        # OpenVLA's predict_action); "action": the policy action in [-1, 1] that every task maps to its robot itself
+        # (SimplerEnv: fractal q01/q99, axis-angle, sticky gripper) -- the stats must not be applied twice
         chunk = self.action_tokenizer.decode(chunk_tokens.cpu()).to(tokens.device)
+        policy_action = chunk if self.action_tokenizer.norm_low is None else \
+            self.action_tokenizer.decode_normalized(chunk_tokens)
         out = tensordict.empty() if self.inplace is False else tensordict
         self._set_action(out, chunk=chunk, tokens=chunk_tokens, log_probs=log_probs.unsqueeze(-2))
-        out.set(self._tensor_keys.action, chunk[..., 0, :].to(torch.float32))
+        out.set(self._tensor_keys.action, policy_action[..., 0, :].to(torch.float32))
         out.set("policy_version", torch.full(tokens.shape[:-1], self.rollout_version, dtype=torch.long))
         return out
 

@@ -249,9 +249,12 @@ def test_native_load_matches_openvla_forward_and_action_path(checkpoint, remote)
     tokens = out[("vla_action", "tokens")].reshape(3, 7)                      # window ids
     full = tokens + 31744
     assert bool(((full >= 31744) & (full < 32000)).all())
-    # decoded actions are OpenVLA's predict_action de-tokenization + fractal q01/q99 (gripper passes through)
+    # the decoded chunk is OpenVLA's predict_action de-tokenization + the checkpoint's q01/q99 (gripper passes
+    # through); the env takes the policy action, the bin centres in [-1, 1], and un-normalizes it itself
     want = openvla_decode(full.numpy(), NORM_STATS[UNNORM_KEY]["action"])
-    np.testing.assert_allclose(out["action"].numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(out[("vla_action", "chunk")].reshape(3, 7).numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(out["action"].numpy(), openvla_decode(full.numpy(), {
+        "q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [False] * 7}), atol=1e-6)
     # one teacher-forced forward gives the sampler's log-probs
     with torch.no_grad():
         teacher = policy.token_log_probs(batch, tokens)

@@ -43,6 +43,18 @@ def test_unnormalize_equals_openvla_tokenizer_decoding_with_fractal_stats_on_eve
     np.testing.assert_allclose(centres[:, 6], with_stats[:, 6], atol=1e-7)  # the gripper passes through
 
 
+def test_openvla_policy_actions_through_the_simpler_converter_equal_openvla_decoding_once():
+    """An OpenVLA policy hands the env its bin centres (decode_normalized), and the SimplerEnv converter applies the
+    fractal statistics: the same robot action as OpenVLA's own decode, un-normalized once, not twice."""
+    ids = torch.arange(256).repeat(7, 1).T
+    openvla = make_action_tokenizer(norm_stats=FRACTAL_NORM_STATS, unnorm_key=FRACTAL_KEY)
+    policy_units = openvla.decode_normalized(ids)
+    assert torch.equal(policy_units, make_action_tokenizer().decode(ids))  # stats-free decode, on every bin
+    assert policy_units.abs().max() < 1
+    np.testing.assert_allclose(unnormalize_fractal(policy_units[:, :6].numpy()), openvla.decode(ids)[:, :6].numpy(),
+                               atol=1e-7)
+
+
 def test_normalize_inverts_unnormalize_and_clips_outliers_like_openvla():
     x = np.random.default_rng(0).uniform(-1, 1, (20, 6))
     np.testing.assert_allclose(normalize_fractal(unnormalize_fractal(x)), x, atol=1e-9)

@@ -33,6 +33,13 @@ class ActionTokenizer(VocabTailActionTokenizer):
             )
         return super().encode(actions)
 
+    def decode_normalized(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> bin centres in ``[-1, 1]``: :meth:`decode` without the norm stats' un-normalization (the
+        policy units a task maps to its robot itself)."""
+        centers = self.bin_centers.to(tokens.device)
+        digitized = (self.num_bins if self.full_vocab_size is None else self.full_vocab_size) - tokens
+        return centers[(digitized - 1).clamp(0, centers.shape[0] - 1)]
+
     @property
     def window_offset(self) -> int:
         """Add this to a window id to get the full language-model id (0 for window-id tokenizers)."""
