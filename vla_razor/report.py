@@ -76,11 +76,16 @@ def median_best_level(rows: list[dict]) -> float:
     return float(np.median([max(r["new_score"] for r in method_rows) for method_rows in _by_method(rows).values()]))
 
 
+def _law_points(rows: list[dict]) -> list[dict]:
+    """The runs the forgetting law is fitted on: finite KL and forgetting."""
+    return [r for r in rows if is_finite(r["kl_base_to_policy"]) and is_finite(r["forgetting"])]
+
+
 def _too_few_runs(what: str, rows: list[dict] | None = None) -> str:
-    """Why an R² is NaN and what gives one (a quadratic through fewer distinct values fits them exactly)."""
+    """Why an R² is NaN and what gives one (a quadratic through fewer distinct values fits them exactly); with
+    ``rows``, how many distinct KL values the law's fit had."""
     have = "" if rows is None else (
-        f" (here {len(np.unique([r['kl_base_to_policy'] for r in rows if is_finite(r['kl_base_to_policy'])]))} "
-        f"among {len(rows)} runs)")
+        f" (here {len(np.unique([r['kl_base_to_policy'] for r in _law_points(rows)]))} among {len(rows)} runs)")
     return (f"R² not fitted (nan): a quadratic fit needs at least {frontier.MIN_DISTINCT_X_FOR_R2} distinct values of "
             f"{what}{have}; evaluate more runs, e.g. a learning-rate sweep")
 
@@ -115,7 +120,7 @@ def plot_frontiers(rows, fronts, base_new, base_prior, path: Path, title: str) -
 def plot_forgetting_vs_kl(rows, path: Path, title: str) -> float:
     """Forgetting against forward KL for every method on one axis, with the single quadratic fit; returns its R^2."""
     plt = _pyplot()
-    points = [r for r in rows if is_finite(r["kl_base_to_policy"]) and is_finite(r["forgetting"])]
+    points = _law_points(rows)
     x = np.array([r["kl_base_to_policy"] for r in points])
     y = np.array([r["forgetting"] for r in points])
     fig, ax = plt.subplots(figsize=(7, 5))
