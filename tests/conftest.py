@@ -7,6 +7,30 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FAKE_SIMPLER_ROOT = REPO / "tests" / "fakes" / "simpler"  # the exact-API SimplerEnv fake (its README)
 FAKE_SIMPLER_PACKAGES = ("simpler_env", "mani_skill2_real2sim")
+GRID = [[-0.1, -0.1], [-0.1, 0.1], [0.1, -0.1], [0.1, 0.1]]  # the 2x2 placement grid of the fake demos
+
+
+def fake_episode(cell: int, attempt: int, length: int, size: int = 8):
+    """A recorded pick-can episode with random frames and states and the expert's action-token layout."""
+    import torch
+
+    from data_collection.collect import episode_seed
+    from data_collection.dataset import Episode
+    from vla_razor.action_tokens import make_action_tokenizer
+
+    g = torch.Generator().manual_seed(cell * 100 + attempt)
+    actions = torch.rand(length, 7, generator=g) * 2 - 1
+    return Episode(cell=cell, x=GRID[cell][0], y=GRID[cell][1], seed=episode_seed(0, cell, attempt), attempt=attempt,
+                   success=True, images=torch.randint(0, 256, (length, size, size, 3), dtype=torch.uint8, generator=g),
+                   states=torch.randn(length, 19, generator=g), actions=actions,
+                   tokens=make_action_tokenizer().encode(actions).long())
+
+
+def fake_metadata(per_cell: int = 2) -> dict:
+    """collect-demos' metadata.json for :func:`fake_episode` episodes on :data:`GRID`."""
+    return {"task": "pick_can", "expert": "scripted", "instruction": "pick coke can", "image_size": 8,
+            "grid": {"n_x": 2, "n_y": 2, "positions": GRID}, "per_cell": per_cell, "max_failures_per_cell": 10,
+            "seed": 0, "max_episode_steps": None, "tokenizer": {"num_bins": 256, "ids": "window"}}
 
 
 def _pop_simpler_modules() -> dict:

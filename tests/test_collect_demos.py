@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fake_episode, fake_metadata
 from data_collection.collect import episode_seed
 from data_collection.dataset import (
     DatasetError,
     DemoDataset,
-    Episode,
     remove_partial_shards,
     shard_cells,
     write_metadata,
@@ -29,24 +29,6 @@ from vla_razor.cli import demos_info
 from vla_razor.cli.collect_demos import check_same_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = [[-0.1, -0.1], [-0.1, 0.1], [0.1, -0.1], [0.1, 0.1]]
-
-
-def fake_episode(cell: int, attempt: int, length: int, size: int = 8) -> Episode:
-    g = torch.Generator().manual_seed(cell * 100 + attempt)
-    actions = torch.rand(length, 7, generator=g) * 2 - 1
-    return Episode(cell=cell, x=GRID[cell][0], y=GRID[cell][1], seed=episode_seed(0, cell, attempt), attempt=attempt,
-                   success=True, images=torch.randint(0, 256, (length, size, size, 3), dtype=torch.uint8, generator=g),
-                   states=torch.randn(length, 19, generator=g), actions=actions,
-                   tokens=make_action_tokenizer().encode(actions).long())
-
-
-def fake_metadata(per_cell: int = 2) -> dict:
-    return {"task": "pick_can", "expert": "scripted", "instruction": "pick coke can", "image_size": 8,
-            "grid": {"n_x": 2, "n_y": 2, "positions": GRID}, "per_cell": per_cell, "max_failures_per_cell": 10,
-            "seed": 0, "max_episode_steps": None, "tokenizer": {"num_bins": 256, "ids": "window"}}
-
-
 @pytest.fixture
 def fake_dataset(tmp_path) -> tuple[Path, dict]:
     root = tmp_path / "demos"

@@ -518,24 +518,13 @@ def test_policy_configs_validate_against_the_dataclass(name):
     assert out["action"].shape == (3, 7) and policy.num_image_tokens == 16
 
 
-def write_demos(folder, n_episodes=4, length=3, size=16):
-    """A small pick-can demos dataset in collect-demos' format (random frames, the expert's token layout)."""
-    from data_collection.dataset import Episode, write_metadata, write_shard
-    from vla_razor.action_tokens import make_action_tokenizer
+def write_demos(folder, n_episodes=4):
+    """A small pick-can demos dataset in collect-demos' format (conftest's fake episodes, all in cell 0)."""
+    from conftest import fake_episode, fake_metadata
+    from data_collection.dataset import write_metadata, write_shard
 
-    g = torch.Generator().manual_seed(0)
-    write_metadata(folder, {"task": "pick_can", "expert": "scripted", "instruction": INSTRUCTIONS[0],
-                            "image_size": size, "grid": {"n_x": 1, "n_y": 1, "positions": [[0.0, 0.0]]},
-                            "per_cell": n_episodes, "max_failures_per_cell": 0, "seed": 0, "max_episode_steps": None,
-                            "tokenizer": {"num_bins": 256, "ids": "window"}})
-    episodes = []
-    for attempt in range(n_episodes):
-        actions = torch.rand(length, 7, generator=g) * 2 - 1
-        episodes.append(Episode(cell=0, x=0.0, y=0.0, seed=attempt, attempt=attempt, success=True,
-                                images=torch.randint(0, 256, (length, size, size, 3), dtype=torch.uint8, generator=g),
-                                states=torch.randn(length, 19, generator=g), actions=actions,
-                                tokens=make_action_tokenizer().encode(actions).long()))
-    write_shard(folder, 0, episodes, attempts=n_episodes)
+    write_metadata(folder, fake_metadata(per_cell=n_episodes))
+    write_shard(folder, 0, [fake_episode(0, attempt, length=3) for attempt in range(n_episodes)], attempts=n_episodes)
 
 
 def released_run_config(tmp_path, weights_dir, *overrides):
