@@ -94,6 +94,15 @@ def released_base_config(cfg: PolicyConfig) -> PolicyConfig:
     return replace(cfg, openvla=replace(cfg.openvla, lora_rank=0, gradient_checkpointing=False))
 
 
+def released_base_view(policy: TokenVLAPolicy, cfg: PolicyConfig, released: str | None) -> TokenVLAPolicy | None:
+    """``policy`` (built from ``cfg``) with its adapters switched off, when that is the base: a LoRA fine-tune of
+    OpenVLA-7B as released in ``released`` (the folder a base file names). It shares the policy's weights, so the
+    base costs no second 15 GB copy (nor a second load). None where the base must be a model of its own."""
+    if cfg.kind == "openvla" and cfg.openvla.lora_rank and released == cfg.openvla.weights_dir:
+        return policy.adapters_off_view()
+    return None
+
+
 def save_released_base(path: str | os.PathLike, cfg: PolicyConfig) -> Path:
     """A policy file for OpenVLA-7B as released: its config and no weights (they load from
     ``policy.openvla.weights_dir``), so ``base=`` names the released model like any other base."""

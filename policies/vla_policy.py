@@ -20,7 +20,9 @@ normalization (OpenVLA's DINOv2 half) derives it itself.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -29,6 +31,7 @@ from tensordict import NonTensorData, NonTensorStack, TensorDictBase
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules.vla import VLAWrapperBase
 
+from policies.fast_kernels import adapters_disabled
 from policies.openvla_fast import action_token_log_probs, sample_action_tokens
 from vla_razor.action_tokens import ActionTokenizer, make_action_tokenizer
 from vla_razor.policy import TokenPolicy
@@ -169,6 +172,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         self.prompt_template = prompt_template
         self.temperature = float(temperature)
         self.cuda_graph_decode = bool(cuda_graph_decode)
+        self.adapters_off = False  # see adapters_off_view
         lm_vocab = model.get_output_embeddings().weight.shape[0]
         end, num_bins = prompt_tokenizer.action_id_end, action_tokenizer.num_bins
         placeholders = [prompt_tokenizer.image_id] + ([prompt_tokenizer.proprio_id] if use_proprio else [])
@@ -287,8 +291,21 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         return window.reshape(*shape, ACTION_DIM), log_probs.reshape(*shape, ACTION_DIM)
 
     def _bound_model(self, extra: dict):
-        """The model with per-batch extra body inputs (proprio) bound, for the model-agnostic fast functions."""
-        return _BoundInputs(self.model, extra) if extra else self.model
+        """The model with per-batch extra body inputs (proprio) bound and, in a view, its adapters switched off, for
+        the model-agnostic fast functions."""
+        return _BoundInputs(self.model, extra, self.adapters_off) if extra or self.adapters_off else self.model
+
+    def adapters_off_view(self) -> TokenVLAPolicy:
+        """This policy with its LoRA adapters switched off -- the model they were added to -- sharing every module,
+        parameter and buffer with it (a frozen copy of OpenVLA-7B as the base would hold another 15 GB).
+
+        For a base that the adapters started from (peft's init leaves them at zero): it tracks this policy's frozen
+        weights, never its adapters. Its sampler decodes eagerly: a captured CUDA-graph decode replays the kernels of
+        its capture, adapters included. ``eval()`` on it switches the shared modules too; updates call ``train()``.
+        """
+        view = copy.copy(self)  # a new __dict__ over the same _modules / _parameters / _buffers dicts
+        view.adapters_off, view.cuda_graph_decode = True, False
+        return view
 
     # -- torchrl VLAWrapperBase --------------------------------------------------------------------------------
     def _action_logits(self, tensordict: TensorDictBase) -> torch.Tensor:
@@ -318,30 +335,33 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
 
 
 class _BoundInputs(torch.nn.Module):
-    """A view of ``model`` whose body receives ``extra`` keyword inputs on the prefill call only.
+    """A view of ``model`` whose body receives ``extra`` keyword inputs on the prefill call only, and runs with its
+    adapters switched off when ``adapters_off``.
 
     Cached decode steps feed one action token at a time and must not see the proprio tensor again (its placeholder
     is already in the cache), so the extra inputs go only to calls that carry placeholders.
     """
 
-    def __init__(self, model: torch.nn.Module, extra: dict):
+    def __init__(self, model: torch.nn.Module, extra: dict, adapters_off: bool = False):
         super().__init__()
         self.inner = model
-        self.model = _BoundBody(model.model, extra)
+        self.model = _BoundBody(model.model, extra, adapters_off)
 
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
 
 
 class _BoundBody(torch.nn.Module):
-    def __init__(self, body: torch.nn.Module, extra: dict):
+    def __init__(self, body: torch.nn.Module, extra: dict, adapters_off: bool):
         super().__init__()
         self.body = body
         self.extra = extra
+        self.adapters_off = adapters_off
         self.config = body.config
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, **kwargs):
         extra = self.extra if pixel_values is not None else {}
-        return self.body(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                         position_ids=position_ids, cache=cache, use_cache=use_cache, **extra, **kwargs)
+        with adapters_disabled(self.body) if self.adapters_off else nullcontext():
+            return self.body(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                             position_ids=position_ids, cache=cache, use_cache=use_cache, **extra, **kwargs)

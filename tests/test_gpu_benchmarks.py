@@ -63,6 +63,9 @@ def test_product_benchmark_runs_the_policy_path_with_speedups_off_and_on(tmp_pat
     assert meta["lora_params"] > 0 and meta["tokens_per_sample"] > 7
     # the rollout's recorded log-probs still match the learner's (lr 1e-7): the update ran on-policy data
     assert meta["behaviour_log_prob_gap_after_updates"] < 1e-3
+    # LoRA's base, the policy with its adapters off, is the adapter-free model (the check zeroes B in place)
+    view = meta["adapters_off_view"]
+    assert view["pass"] and view["adapter_effect"] > 1e-2 and view["max_abs_log_prob_diff"] < 1e-5
 
 
 def test_largest_batch_rows_take_only_the_options_that_measured_faster():

@@ -414,6 +414,41 @@ def test_all_linear_lora_adapts_vision_projector_and_decoder_and_keeps_step_zero
         OpenVLAOptions(lora_rank=4, lora_targets="everything")
 
 
+@pytest.mark.parametrize("speedups", [False, True])
+def test_adapters_off_view_is_the_model_the_adapters_were_added_to(speedups, restore_llama_ops):
+    """train-vla's base for a LoRA fine-tune of OpenVLA-7B is the policy itself with its adapters switched off. With
+    trained adapters on every linear layer it gives the adapter-free model's log-probs and draws, holds no weights of
+    its own, and leaves the policy as it was (outputs, which parameters train); also with fused ops, fused LoRA and
+    compiled layers (~20 s of CPU compile: a compiled layer must not replay the adapters-on graph)."""
+    torch.manual_seed(0)
+    options = dict(fused_ops=True, fused_lora=True, compile_layers=True) if speedups else {}
+    policy = build_policy(tiny_config(lora_rank=4, lora_alpha=8, lora_targets="all_linear", **options), INSTRUCTIONS)
+    for parameter in policy.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)  # trained adapters: B != 0
+    adapter_free = build_policy(tiny_config(lora_rank=4, lora_alpha=8, lora_targets="all_linear"), INSTRUCTIONS)
+    adapter_free.load_state_dict(policy.state_dict())
+    with torch.no_grad():
+        for name, parameter in adapter_free.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    trains = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
+    batch = robot_batch()
+    tokens = adapter_free.sample_tokens(batch, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        policy_log_probs = policy.token_log_probs(batch, tokens)
+        view = policy.adapters_off_view()
+        torch.testing.assert_close(view.token_log_probs(batch, tokens), adapter_free.token_log_probs(batch, tokens),
+                                   atol=1e-5, rtol=1e-5)
+        assert (policy_log_probs - adapter_free.token_log_probs(batch, tokens)).abs().max() > 1e-2
+        assert torch.equal(view.sample_tokens(batch, generator=torch.Generator().manual_seed(1)), tokens)
+        assert view(batch.clone())["action"].shape == (3, 7)  # as a torchrl policy (forgetting evaluation)
+        torch.testing.assert_close(policy.token_log_probs(batch, tokens), policy_log_probs, atol=0, rtol=0)
+    assert view.model is policy.model and not view.cuda_graph_decode and not policy.adapters_off
+    assert {name for name, parameter in policy.named_parameters() if parameter.requires_grad} == trains
+    assert not any(module._disable_adapters for module in policy.modules() if "_disable_adapters" in module.__dict__)
+
+
 def test_gradient_checkpointing_keeps_gradients():
     torch.manual_seed(0)
     plain = build_policy(tiny_config(), INSTRUCTIONS).train()
@@ -582,6 +617,11 @@ def test_train_vla_fine_tunes_openvla_from_its_released_checkpoint(checkpoint, t
         assert (tuned.eval().token_logits(batch, tokens) - released.token_logits(batch, tokens)).abs().max() > 1e-3
     kl = kl_column(out)
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # fresh adapters leave the base unchanged
+    # under LoRA the base is the policy with its adapters off: no second copy of the 7B, and the released model
+    view, policy, _ = train_vla.fine_tuning_start(config(checkpoint), is_main=True)
+    assert view.adapters_off and view.model is policy.model
+    with torch.no_grad():
+        torch.testing.assert_close(view.eval().token_logits(batch, tokens), released.token_logits(batch, tokens))
 
     # the resume file holds the adapters too (and their optimizer state); a rerun restores them over the released
     # weights and, the run being finished, writes the same policy again
@@ -631,11 +671,11 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
 
     from vla_razor.cli import eval_forgetting
 
-    scored_together = []
+    scored_together, bases = [], []
     evaluate = eval_forgetting.evaluate_checkpoints
     monkeypatch.setattr(eval_forgetting, "evaluate_checkpoints",
-                        lambda policies, *args, **kwargs: scored_together.append(len(policies)) or evaluate(
-                            policies, *args, **kwargs))
+                        lambda policies, base, *args, **kwargs: scored_together.append(len(policies)) or bases.append(
+                            (base, *policies.values())) or evaluate(policies, base, *args, **kwargs))
     with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("eval_forgetting", [
             f"policy_files=[{out / 'policy.pt'},{out / 'policy.pt'}]", f"base={tmp_path / 'openvla_base.pt'}",
@@ -644,6 +684,17 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
             "eval.new_task_positions=1", "eval.kl_probe_states=4", "progress=false"]))
     row, again = run_eval(cfg)
     assert scored_together == [1, 1]  # 15 GB each at full size: one policy in memory at a time
+    # the base of each LoRA fine-tune is that policy with its adapters off (no released copy loaded beside it); its
+    # KL is the one against the released model
+    from vla_razor.vla_data import DemoMixture
+    from vla_razor.vla_train import kl_to_base
+
+    assert all(base.adapters_off and base.model is policy.model for base, policy in bases)
+    probe = DemoMixture({str(tmp_path / "demos" / "simpler_pick_coke_can"): 1.0}, seed=cfg.eval.seed).probe(
+        cfg.eval.kl_probe_states, seed=cfg.eval.seed)
+    released_base = load_policy(tmp_path / "openvla_base.pt")[0]
+    assert kl_to_base(saved[0], released_base, probe, seed=cfg.eval.seed) == pytest.approx(row["kl_base_to_policy"],
+                                                                                          rel=1e-5, abs=1e-8)
     assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in row.items() if k != "wall_s"}
     assert row["method"] == "reinforce" and row["kl_base_to_policy"] == pytest.approx(kl[-1], rel=1e-4, abs=1e-7)
     assert {"new_score", "base_prior_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer"} <= set(row)

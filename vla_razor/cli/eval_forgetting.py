@@ -19,7 +19,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
-from policies.vla_factory import load_policy, load_policy_header
+from policies.vla_factory import load_policy, load_policy_header, released_base_view
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoints, write_robot_report
 from vla_razor.cli.common import run_config
 
@@ -65,7 +65,8 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
     # an OpenVLA-7B policy holds its own 15 GB model: those are scored one at a time (each task's env workers then
     # start once per policy), the small kinds together on one set of workers per task
     big = any(load_policy_header(path)[1].kind == "openvla" for path in files)
-    base, _, _ = load_policy(cfg.base)
+    released = load_policy_header(cfg.base)[2].get("released")
+    base = None  # loaded when first needed: a LoRA fine-tune of the released OpenVLA-7B is its own base, adapters off
     probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)
     out = []
     indexed = list(enumerate(files))
@@ -73,11 +74,14 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
         policies, labels = {}, {}
         for i, path in group:
             name = f"policy{i}"
-            policies[name], _, extra = load_policy(path)
+            policies[name], policy_cfg, extra = load_policy(path)
             labels[name] = (cfg.method or extra.get("algo", "unknown"), str(Path(path).parent))
-        scored = evaluate_checkpoints(policies, base, cfg.base, probe, cfg.env, cfg.eval, prior=True,
-                                      progress=cfg.progress)
-        del policies
+        view = released_base_view(policies[name], policy_cfg, released) if len(group) == 1 else None
+        if view is None and base is None:
+            base, _, _ = load_policy(cfg.base)
+        scored = evaluate_checkpoints(policies, base if view is None else view, cfg.base, probe, cfg.env, cfg.eval,
+                                      prior=True, progress=cfg.progress)
+        del policies, view
         for name, (method, run) in labels.items():
             row = {"method": method, "run": run, "progress": 1.0, **scored[name]}
             rows = append_row(cfg.results, row)

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from policies.vla_factory import (PolicyConfig, build_policy, load_policy, load_policy_header, released_base_config,
-                                  save_policy, save_released_base, trained_weights)
+                                  released_base_view, save_policy, save_released_base, trained_weights)
 from policies.openvla import require_weights_dir
 from policies.vla_policy import TokenVLAPolicy
 from vla_razor import results
@@ -388,8 +388,9 @@ def fine_tuning_start(cfg: TrainVLAConfig, is_main: bool) -> tuple[TokenVLAPolic
     """(frozen base, policy to train, the config the trained policy is saved with).
 
     OpenVLA-7B starts from its released checkpoint, which is also its base: ``base=`` gets a weightless policy file
-    naming it (written once), so KL, ``eval-forgetting`` and the report treat it as any other base. The other kinds
-    start from the base policy file, whose config the fine-tuned file keeps.
+    naming it (written once), so KL, ``eval-forgetting`` and the report treat it as any other base; under LoRA the
+    base is the policy itself with its adapters switched off. The other kinds start from the base policy file, whose
+    config the fine-tuned file keeps.
     """
     if cfg.policy.kind == "openvla":
         released = released_base_config(cfg.policy)
@@ -402,8 +403,11 @@ def fine_tuning_start(cfg: TrainVLAConfig, is_main: bool) -> tuple[TokenVLAPolic
         elif is_main:
             save_released_base(cfg.base, cfg.policy)
             log.info("base=%s now names OpenVLA-7B as released (%s)", cfg.base, released.openvla.weights_dir)
-        base = build_policy(released, [])
         policy = build_policy(cfg.policy, [])
+        view = released_base_view(policy, cfg.policy, released.openvla.weights_dir)
+        if view is not None:  # LoRA: the adapters start at zero, so the policy without them is the released model
+            return view, policy, cfg.policy
+        base = build_policy(released, [])
         policy_cfg = cfg.policy
     else:
         base, policy_cfg, _ = load_policy(cfg.base)
