@@ -39,6 +39,12 @@ class PolicyConfig:
     # (a, b): append state[a:a+3] - state[b:b+3] to the proprio token (embedded layout: object minus gripper)
     state_differences: list[list[int]] = field(default_factory=list)
 
+    @property
+    def loads_released(self) -> bool:
+        """OpenVLA-7B: the weights start from a released checkpoint (``openvla.weights_dir``), which is also the base,
+        so policy files and checkpoints hold only what trains, and one policy fills a GPU."""
+        return self.kind == "openvla"
+
 
 BUILDERS = ("tiny_vla", "openvla_tiny", "openvla")
 
@@ -75,7 +81,7 @@ def save_policy(path: str | os.PathLike, policy: TokenVLAPolicy, cfg: PolicyConf
     """``state_dict``: the weights to write instead of ``policy.state_dict()`` (a sharded policy's, gathered).
     For ``kind=openvla`` only the parameters that train are written; the rest load from the released checkpoint."""
     weights = policy.state_dict() if state_dict is None else state_dict
-    if cfg.kind == "openvla":
+    if cfg.loads_released:
         weights = trained_weights(policy, weights)
     return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(cfg),
                                   "words": getattr(policy.prompt_tokenizer, "words", None),
@@ -98,7 +104,7 @@ def released_base_view(policy: TokenVLAPolicy, cfg: PolicyConfig, released: str 
     """``policy`` (built from ``cfg``) with its adapters switched off, when that is the base: a LoRA fine-tune of
     OpenVLA-7B as released in ``released`` (the folder a base file names). It shares the policy's weights, so the
     base costs no second 15 GB copy (nor a second load). None where the base must be a model of its own."""
-    if cfg.kind == "openvla" and cfg.openvla.lora_rank and released == cfg.openvla.weights_dir:
+    if cfg.loads_released and cfg.openvla.lora_rank and released == cfg.openvla.weights_dir:
         return policy.adapters_off_view()
     return None
 
@@ -106,7 +112,7 @@ def released_base_view(policy: TokenVLAPolicy, cfg: PolicyConfig, released: str 
 def save_released_base(path: str | os.PathLike, cfg: PolicyConfig) -> Path:
     """A policy file for OpenVLA-7B as released: its config and no weights (they load from
     ``policy.openvla.weights_dir``), so ``base=`` names the released model like any other base."""
-    if cfg.kind != "openvla":
+    if not cfg.loads_released:
         raise ValueError(f"only policy.kind=openvla loads released weights, not {cfg.kind!r}")
     return save_checkpoint(path, {"format": POLICY_FORMAT, "config": asdict(released_base_config(cfg)),
                                   "words": None, "state_dict": {}, "extra": {"released": cfg.openvla.weights_dir}})
@@ -134,7 +140,7 @@ def load_policy(path: str | os.PathLike) -> tuple[TokenVLAPolicy, PolicyConfig, 
     """(policy, its config, extra metadata) from a file written by :func:`save_policy`."""
     state, cfg, _ = load_policy_header(path)
     policy = build_policy(cfg, [], words=state["words"])
-    if cfg.kind == "openvla":  # the trained parameters over the released ones
+    if cfg.loads_released:  # the trained parameters over the released ones
         unexpected = policy.load_state_dict(state["state_dict"], strict=False).unexpected_keys
         if unexpected:
             raise CheckpointError(f"{path} holds weights that the OpenVLA policy its own config describes lacks "

@@ -64,7 +64,7 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
         torch.set_num_threads(cfg.threads)
     # an OpenVLA-7B policy holds its own 15 GB model: those are scored one at a time (each task's env workers then
     # start once per policy), the small kinds together on one set of workers per task
-    big = any(load_policy_header(path)[1].kind == "openvla" for path in files)
+    big = any(load_policy_header(path)[1].loads_released for path in files)
     released = load_policy_header(cfg.base)[2].get("released")
     base = None  # loaded when first needed: a LoRA fine-tune of the released OpenVLA-7B is its own base, adapters off
     probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)

@@ -108,7 +108,7 @@ def validate(cfg: TrainVLAConfig) -> None:
         raise ValueError(f"algo.schedule={algo.schedule!r} is not one of {SCHEDULES}")
     if algo.from_scratch and algo.objective != "sft":
         raise ValueError("algo.from_scratch (pretraining) needs algo.objective=sft")
-    if cfg.policy.kind == "openvla":
+    if cfg.policy.loads_released:
         if algo.from_scratch:
             raise ValueError("policy=openvla fine-tunes OpenVLA-7B's released weights; --algo pretrain trains the "
                              "tiny kinds from scratch (policy=tiny_vla or openvla_tiny)")
@@ -124,7 +124,7 @@ def validate(cfg: TrainVLAConfig) -> None:
         if fraction > 0 and not (Path(cfg.demos_root) / task / "metadata.json").exists():
             raise FileNotFoundError(f"no demos for {task!r} in {Path(cfg.demos_root) / task}; collect them with "
                                     f"`collect-demos env={task} out_dir={Path(cfg.demos_root) / task}`")
-    if not algo.from_scratch and cfg.policy.kind != "openvla" and not Path(cfg.base).exists():
+    if not algo.from_scratch and not cfg.policy.loads_released and not Path(cfg.base).exists():
         raise FileNotFoundError(f"base policy {cfg.base} does not exist; pretrain one with "
                                 f"`train-vla --algo pretrain` or point base= at a policy file")
 
@@ -156,11 +156,6 @@ class Run:
         self.started = time.time()
 
     @property
-    def released_weights(self) -> bool:
-        """OpenVLA-7B fine-tunes start from the released checkpoint, so they save only the weights that train."""
-        return self.cfg.policy.kind == "openvla"
-
-    @property
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
@@ -173,7 +168,7 @@ class Run:
 
         rngs = gather_object([rng_state()])  # every process's generators, so a resume continues each stream
         weights = policy_state(self.accelerator, self.model)
-        if self.released_weights:  # the frozen rest is the released checkpoint: 15 GB less per save under LoRA
+        if self.cfg.policy.loads_released:  # the frozen rest is the released checkpoint: 15 GB less per save under LoRA
             weights = trained_weights(self.policy, weights)
         state = {"identity": identity(self.cfg), "policy": weights,
                  "optimizer": optimizer_state(self.model, self.optimizer), "progress": self.progress,
@@ -192,7 +187,7 @@ class Run:
             raise ValueError(f"{self.checkpoint_path} was written by a run with other settings; use another out_dir "
                              "or delete it to start over")
         load_state(self.model, self.policy, self.optimizer, state["policy"], state["optimizer"],
-                   partial=self.released_weights)
+                   partial=self.cfg.policy.loads_released)
         self.progress, self.metrics = state["progress"], state["metrics"]
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rngs) != self.accelerator.num_processes:
@@ -392,7 +387,7 @@ def fine_tuning_start(cfg: TrainVLAConfig, is_main: bool) -> tuple[TokenVLAPolic
     base is the policy itself with its adapters switched off. The other kinds start from the base policy file, whose
     config the fine-tuned file keeps.
     """
-    if cfg.policy.kind == "openvla":
+    if cfg.policy.loads_released:
         released = released_base_config(cfg.policy)
         if Path(cfg.base).exists():
             named = load_policy_header(cfg.base)[2].get("released")
