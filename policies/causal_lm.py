@@ -127,8 +127,9 @@ class CausalLMPolicy(torch.nn.Module, TokenPolicy):
         # Tokens after a row's eos are padding, but they sit after every real position, so a causal model's real
         # positions never attend to them: the mask need only cover the prompt's left padding.
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(tokens.shape)], dim=1)
-        out = self.model(input_ids=torch.cat([input_ids, tokens], dim=1), attention_mask=mask,
-                         position_ids=position_ids_from_mask(mask), use_cache=False, logits_to_keep=num_tokens + 1)
+        with self.adapters_as_set(self.model):
+            out = self.model(input_ids=torch.cat([input_ids, tokens], dim=1), attention_mask=mask,
+                             position_ids=position_ids_from_mask(mask), use_cache=False, logits_to_keep=num_tokens + 1)
         return out.logits[:, :-1]                                                   # [B, T, V]
 
     @torch.no_grad()
@@ -139,6 +140,10 @@ class CausalLMPolicy(torch.nn.Module, TokenPolicy):
         Rows that emitted eos continue with pad (masked by :meth:`response_mask`). Draws go through the shared
         Gumbel-max ``sample_tokens``, so a ``generator`` on the model's device makes them reproducible.
         """
+        with self.adapters_as_set(self.model):
+            return self._sample(batch, greedy, temperature, generator, max_new_tokens)
+
+    def _sample(self, batch, greedy, temperature, generator, max_new_tokens) -> torch.Tensor:
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         positions = position_ids_from_mask(mask)                                     # [B, P]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,

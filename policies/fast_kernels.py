@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.nn.functional as F
 
-__all__ = ["adapters_disabled", "compile_decoder_layers", "contiguous_output", "contiguous_patch_embeddings", "decoder_layers",
+__all__ = ["compile_decoder_layers", "contiguous_output", "contiguous_patch_embeddings", "decoder_layers",
            "enable_fused_llama_ops", "fuse_lora_linears", "residual_adds_in_epilogue", "uncompiled",
            "unfuse_lora_linears"]
 
@@ -279,28 +279,6 @@ def unfuse_lora_linears(model) -> None:
     for module in model.modules():
         if "_unfused_forward" in module.__dict__:
             module.forward = module.__dict__.pop("_unfused_forward")
-
-
-@contextmanager
-def adapters_disabled(model) -> Iterator[None]:
-    """Inside, every peft adapter layer of ``model`` computes its base layer alone: the weights the adapters were
-    added to (the fused LoRA forward and the residual-epilogue GEMMs read the same flag and step aside).
-
-    Sets the flag peft's layers read (``disable_adapters``) rather than calling ``enable_adapters(False)``, which
-    also switches the adapters' ``requires_grad`` off and on again: which parameters train is the trainer's state
-    (DDP's and the optimizer's), not a forward's. A compiled layer compiles once more, for the switched-off state.
-    """
-    layers = model.__dict__.get("_adapter_layers")
-    if layers is None:  # cached like decoder_layers: walking the 7B's modules on every call costs ~1 ms
-        layers = model.__dict__["_adapter_layers"] = [m for m in model.modules() if "_disable_adapters" in m.__dict__]
-    was = [m._disable_adapters for m in layers]
-    for module in layers:
-        module._disable_adapters = True
-    try:
-        yield
-    finally:
-        for module, value in zip(layers, was):
-            module._disable_adapters = value
 
 
 def decoder_layers(model, suffixes: tuple[str, ...] = ("DecoderLayer",)) -> list[torch.nn.Module]:

@@ -20,9 +20,7 @@ normalization (OpenVLA's DINOv2 half) derives it itself.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -31,7 +29,6 @@ from tensordict import NonTensorData, NonTensorStack, TensorDictBase
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules.vla import VLAWrapperBase
 
-from policies.fast_kernels import adapters_disabled
 from policies.openvla_fast import action_token_log_probs, sample_action_tokens
 from vla_razor.action_tokens import ActionTokenizer, make_action_tokenizer
 from vla_razor.policy import TokenPolicy
@@ -172,7 +169,6 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         self.prompt_template = prompt_template
         self.temperature = float(temperature)
         self.cuda_graph_decode = bool(cuda_graph_decode)
-        self.adapters_off = False  # see adapters_off_view
         lm_vocab = model.get_output_embeddings().weight.shape[0]
         end, num_bins = prompt_tokenizer.action_id_end, action_tokenizer.num_bins
         placeholders = [prompt_tokenizer.image_id] + ([prompt_tokenizer.proprio_id] if use_proprio else [])
@@ -267,10 +263,11 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         inputs = self.prepare(batch)
         full = window.to(inputs["input_ids"].device) + self.action_token_ids[0]
         extra = {"proprio": inputs["proprio"]} if self.use_proprio else {}
-        log_probs, logits = action_token_log_probs(
-            self._bound_model(extra), inputs["pixel_values"], torch.cat([inputs["input_ids"], full], dim=1),
-            torch.cat([inputs["attention_mask"], torch.ones_like(full)], dim=1), self.action_token_ids,
-            num_tokens=ACTION_DIM, temperature=self.temperature)
+        with self.adapters_as_set(self.model):
+            log_probs, logits = action_token_log_probs(
+                self._bound_model(extra), inputs["pixel_values"], torch.cat([inputs["input_ids"], full], dim=1),
+                torch.cat([inputs["attention_mask"], torch.ones_like(full)], dim=1), self.action_token_ids,
+                num_tokens=ACTION_DIM, temperature=self.temperature)
         return log_probs.reshape(*batch_shape, ACTION_DIM), logits.reshape(*batch_shape, ACTION_DIM, -1)
 
     def sample_tokens(self, batch: TensorDictBase, *, greedy: bool = False, temperature: float | None = None,
@@ -281,30 +278,23 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.prepare(batch)
         extra = {"proprio": inputs["proprio"]} if self.use_proprio else {}
-        full, log_probs = sample_action_tokens(
-            self._bound_model(extra), inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
-            self.action_token_ids, num_tokens=ACTION_DIM,
-            temperature=self.temperature if temperature is None else temperature, generator=generator,
-            greedy=greedy, cuda_graphs=self.cuda_graph_decode)
+        with self.adapters_as_set(self.model):
+            full, log_probs = sample_action_tokens(
+                self._bound_model(extra), inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                self.action_token_ids, num_tokens=ACTION_DIM,
+                temperature=self.temperature if temperature is None else temperature, generator=generator,
+                greedy=greedy, cuda_graphs=self.cuda_graph_decode)
         window = full - self.action_token_ids[0]
         shape = batch.batch_size
         return window.reshape(*shape, ACTION_DIM), log_probs.reshape(*shape, ACTION_DIM)
 
     def _bound_model(self, extra: dict):
-        """The model with per-batch extra body inputs (proprio) bound and, in a view, its adapters switched off, for
-        the model-agnostic fast functions."""
-        return _BoundInputs(self.model, extra, self.adapters_off) if extra or self.adapters_off else self.model
+        """The model with per-batch extra body inputs (proprio) bound, for the model-agnostic fast functions."""
+        return _BoundInputs(self.model, extra) if extra else self.model
 
     def adapters_off_view(self) -> TokenVLAPolicy:
-        """This policy with its LoRA adapters switched off -- the model they were added to -- sharing every module,
-        parameter and buffer with it (a frozen copy of OpenVLA-7B as the base would hold another 15 GB).
-
-        For a base that the adapters started from (peft's init leaves them at zero): it tracks this policy's frozen
-        weights, never its adapters. Its sampler decodes eagerly: a captured CUDA-graph decode replays the kernels of
-        its capture, adapters included. ``eval()`` on it switches the shared modules too; updates call ``train()``.
-        """
-        view = copy.copy(self)  # a new __dict__ over the same _modules / _parameters / _buffers dicts
-        view.adapters_off, view.cuda_graph_decode = True, False
+        view = super().adapters_off_view()
+        view.cuda_graph_decode = False  # a captured decode replays the kernels of its capture, adapters included
         return view
 
     # -- torchrl VLAWrapperBase --------------------------------------------------------------------------------
@@ -335,33 +325,30 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
 
 
 class _BoundInputs(torch.nn.Module):
-    """A view of ``model`` whose body receives ``extra`` keyword inputs on the prefill call only, and runs with its
-    adapters switched off when ``adapters_off``.
+    """A view of ``model`` whose body receives ``extra`` keyword inputs on the prefill call only.
 
     Cached decode steps feed one action token at a time and must not see the proprio tensor again (its placeholder
     is already in the cache), so the extra inputs go only to calls that carry placeholders.
     """
 
-    def __init__(self, model: torch.nn.Module, extra: dict, adapters_off: bool = False):
+    def __init__(self, model: torch.nn.Module, extra: dict):
         super().__init__()
         self.inner = model
-        self.model = _BoundBody(model.model, extra, adapters_off)
+        self.model = _BoundBody(model.model, extra)
 
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
 
 
 class _BoundBody(torch.nn.Module):
-    def __init__(self, body: torch.nn.Module, extra: dict, adapters_off: bool):
+    def __init__(self, body: torch.nn.Module, extra: dict):
         super().__init__()
         self.body = body
         self.extra = extra
-        self.adapters_off = adapters_off
         self.config = body.config
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, **kwargs):
         extra = self.extra if pixel_values is not None else {}
-        with adapters_disabled(self.body) if self.adapters_off else nullcontext():
-            return self.body(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                             position_ids=position_ids, cache=cache, use_cache=use_cache, **extra, **kwargs)
+        return self.body(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, use_cache=use_cache, **extra, **kwargs)

@@ -120,6 +120,31 @@ def test_lora_trains_only_adapters_and_starts_at_the_base():
         torch.testing.assert_close(lora.token_logits(batch, tokens), base.token_logits(batch, tokens))
 
 
+def test_adapters_off_view_is_the_base_without_a_copy():
+    """train-llm's base under LoRA: the policy with its adapters switched off. With trained adapters it gives the
+    pre-LoRA model's logits and greedy responses, shares the policy's weights, and leaves the policy as it was."""
+    pytest.importorskip("peft")
+    lora = tiny_policy()
+    base = lora.frozen_copy()
+    lora.model = apply_lora(lora.model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.5)  # trained adapters
+    trains = {name for name, parameter in lora.named_parameters() if parameter.requires_grad}
+    view = lora.adapters_off_view()
+    batch = lora.encode_prompts(PROMPTS)
+    tokens = base.sample_tokens(batch, greedy=True, max_new_tokens=4)
+    with torch.no_grad():
+        before = lora.token_logits(batch, tokens)
+        torch.testing.assert_close(view.token_logits(batch, tokens), base.token_logits(batch, tokens))
+        assert (before - base.token_logits(batch, tokens)).abs().max() > 1e-2
+        assert torch.equal(view.sample_tokens(batch, greedy=True, max_new_tokens=4), tokens)
+        torch.testing.assert_close(lora.token_logits(batch, tokens), before, atol=0, rtol=0)
+    assert view.model is lora.model and view.adapters_off and not lora.adapters_off
+    assert {name for name, parameter in lora.named_parameters() if parameter.requires_grad} == trains
+
+
 def test_missing_peft_and_missing_model_folder_give_fix_it_errors(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ImportError, match=r"pip install -e \.\[lora\]"):

@@ -66,6 +66,34 @@ def test_micro_batched_update_equals_the_whole_batch_update(objective, aggregati
     assert micro_stats["kl/kl_base_to_policy"] == 0.0
 
 
+def test_gradient_checkpointing_acts_in_updates_and_sampling_keeps_its_cache():
+    """policy.gradient_checkpointing=true recomputes the layers in the update's backward (a model loaded with
+    from_pretrained is in eval mode, where transformers skips checkpointing), and responses drawn afterwards, in
+    training mode, are those of the same weights in eval mode (the KV-cached decode must not lose its cache)."""
+    torch.set_num_threads(1)
+    policy = tiny_policy()
+    policy.model.eval()
+    policy.model.gradient_checkpointing_enable()
+    recomputed = []
+    for layer in policy.model.model.layers:
+        checkpointed = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *args, f=checkpointed, **kw: recomputed.append(1) or f(*args, **kw)
+    task = llm_synthetic.parity_prompt_set(8, seed=0)
+    ro = llm.rollout(policy, task, torch.arange(2), group_size=2, max_new_tokens=3,
+                     generator=torch.Generator().manual_seed(0))
+    ro.rewards = torch.tensor([1.0, 0, 0, 1])
+    assert not recomputed  # rollouts decode without it
+    algo = llm.AlgoConfig(objective="grpo", group_size=2, max_grad_norm=1e9)
+    llm.on_policy_update(policy, None, torch.optim.SGD(policy.parameters(), lr=0.5), algo, ro, lambda _: 0.5, 0)
+    assert len(recomputed) == len(policy.model.model.layers)
+    assert policy.model.training
+    batch = policy.encode_prompts(["parity 7 ?", "next 12 ?"])
+    drawn = policy.sample_tokens(batch, generator=torch.Generator().manual_seed(1), max_new_tokens=4)
+    evaluated = copy.deepcopy(policy).eval()
+    assert torch.equal(drawn, evaluated.sample_tokens(batch, generator=torch.Generator().manual_seed(1),
+                                                      max_new_tokens=4))
+
+
 def test_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="group_size=1 with objective=grpo"):
         llm.validate_algo(llm.AlgoConfig(group_size=1))

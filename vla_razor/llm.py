@@ -197,6 +197,7 @@ def on_policy_update(policy: CausalLMPolicy, reference: CausalLMPolicy | None, o
     Divergences to the base are measured on the first pass, with the pre-update policy that drew the samples.
     ``lr_at(optimizer_step) -> lr``. ``reference`` may be None when nothing needs pi_0 (no KL term, no measure).
     """
+    policy.train()  # gradient checkpointing and dropout act in training mode only
     advantages = sequence_advantages(algo.objective, ro.rewards, group_size=algo.group_size,
                                      scale_by_std=algo.scale_by_std)
     parts = slices(len(ro.tokens), algo.micro_batch)
@@ -237,6 +238,7 @@ def on_policy_update(policy: CausalLMPolicy, reference: CausalLMPolicy | None, o
 def sft_update(policy: CausalLMPolicy, optimizer, algo: AlgoConfig, batch: TensorDict, targets: torch.Tensor,
                lr: float) -> dict[str, float]:
     """One SFT step on target responses ``targets [B, T]`` (eos then pad after the text)."""
+    policy.train()
     mask = policy.response_mask(targets)
     objective = get_objective("sft")
     loss_total = 0.0
@@ -266,6 +268,7 @@ def simpo_update(policy: CausalLMPolicy, optimizer, algo: AlgoConfig, task: Prom
     chosen = policy.encode_responses([task.responses[int(i)] for i in indices[keep.cpu()]], max_new_tokens)
     objective = get_objective("simpo")
     stats_total: dict[str, float] = {}
+    policy.train()
     for part in slices(len(rows), algo.micro_batch):
         loss, stats = objective(policy.token_log_probs(prompts[part], chosen[part]),
                                 policy.token_log_probs(prompts[part], rejected[part]),
@@ -290,6 +293,7 @@ def evaluate(policy: CausalLMPolicy, reference: CausalLMPolicy, new_task: Prompt
     Divergences: exact, per token, on the sampled continuations (``reduce_divergences``). ``prior_task=None``
     leaves the prior score to the caller (e.g. lm-eval).
     """
+    policy.eval()
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     indices = torch.arange(len(new_task))
     ro = rollout(policy, new_task, indices, samples, max_new_tokens, generator, template=template)
@@ -316,6 +320,7 @@ def pretrain(policy: CausalLMPolicy, prompts: list[str], responses: list[str], s
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     objective = get_objective("sft")
     loss = torch.tensor(float("nan"))
+    policy.train()
     for _ in range(steps):
         rows = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
         batch = policy.encode_prompts([prompts[i] for i in rows])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tensordict import TensorDictBase
@@ -53,6 +55,28 @@ def sample_tokens(logits: torch.Tensor, *, greedy: bool = False, temperature: fl
         return (logits.float() / temperature + gumbel).argmax(-1)
 
 
+@contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every peft adapter layer of ``model`` computes its base layer alone: the weights the adapters were
+    added to (the fused LoRA forward and the residual-epilogue GEMMs of policies.fast_kernels step aside too).
+
+    Sets the flag peft's layers read (``disable_adapters``) rather than calling ``enable_adapters(False)``, which
+    also switches the adapters' ``requires_grad`` off and on again: which parameters train is the trainer's state
+    (DDP's and the optimizer's), not a forward's. A compiled layer compiles once more, for the switched-off state.
+    """
+    layers = model.__dict__.get("_adapter_layers")
+    if layers is None:  # cached: walking a 7B's modules on every call costs ~1 ms (adapters come once, at build)
+        layers = model.__dict__["_adapter_layers"] = [m for m in model.modules() if "_disable_adapters" in m.__dict__]
+    was = [m._disable_adapters for m in layers]
+    for module in layers:
+        module._disable_adapters = True
+    try:
+        yield
+    finally:
+        for module, value in zip(layers, was):
+            module._disable_adapters = value
+
+
 class TokenPolicy(abc.ABC):
     """Mixin for ``nn.Module`` policies: one method to implement, the rest derived.
 
@@ -80,6 +104,22 @@ class TokenPolicy(abc.ABC):
     def token_entropy(self, batch: TensorDictBase, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position entropy ``[..., T]`` in nats."""
         return token_entropy(self.token_logits(batch, tokens))
+
+    adapters_off = False  # True in an adapters_off_view
+
+    def adapters_off_view(self):
+        """This policy with its LoRA adapters switched off -- the model they were added to -- sharing every module,
+        parameter and buffer with it: the base of a LoRA fine-tune (peft starts the adapters at zero) without a
+        second copy of the model (15 GB for a 7B). It follows the policy's frozen weights, never its adapters.
+        ``eval()`` on it switches the shared modules too (updates call ``train()``)."""
+        view = copy.copy(self)  # a new __dict__ over the same _modules / _parameters / _buffers dicts
+        view.adapters_off = True
+        return view
+
+    def adapters_as_set(self, model: torch.nn.Module):
+        """Context for a forward of ``model`` (this policy's network): its adapters off in a view, as they are
+        otherwise. Subclasses run every forward inside it."""
+        return adapters_disabled(model) if self.adapters_off else nullcontext()
 
     def frozen_copy(self):
         """A deep copy in eval mode with gradients off: the reference pi_0 for KL and forgetting."""

@@ -248,7 +248,8 @@ def train(cfg: TrainLLMConfig, device: str) -> list[dict]:
     if cfg.policy.lora_rank:
         policy.model = apply_lora(policy.model, cfg.policy.lora_rank, cfg.policy.lora_alpha,
                                   cfg.policy.lora_dropout, cfg.policy.lora_target_modules)
-    reference = policy.frozen_copy()
+    # LoRA starts at zero: the policy with its adapters off is the base, without a second copy of the model
+    reference = policy.adapters_off_view() if cfg.policy.lora_rank else policy.frozen_copy()
     optimizer = make_adamw(policy.parameters(), lr=algo.lr, weight_decay=algo.weight_decay)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     total = llm.total_steps(algo, len(tasks["train"]))
