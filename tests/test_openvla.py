@@ -575,10 +575,10 @@ def released_run_config(tmp_path, weights_dir, *overrides):
         return OmegaConf.to_object(compose("train_vla", [*base, *overrides]))
 
 
-def kl_column(run_dir):
+def kl_column(run_dir, name="kl_base_to_policy"):
     lines = (run_dir / "metrics.csv").read_text().splitlines()
-    column = lines[0].split(",").index("kl_base_to_policy")
-    return [float(line.split(",")[column]) for line in lines[1:]]
+    column = lines[0].split(",").index(name)
+    return [float(line.split(",")[column] or "nan") for line in lines[1:]]
 
 
 def test_train_vla_fine_tunes_openvla_from_its_released_checkpoint(checkpoint, tmp_path, monkeypatch):
@@ -700,13 +700,14 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
     assert {"new_score", "base_prior_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer"} <= set(row)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy, lora", [("ddp", True), ("fsdp", False), ("fsdp", True)])
 def test_released_openvla_under_accelerate_launch_checkpoints_what_trains_and_resumes(checkpoint, assets, tmp_path,
-                                                                                      monkeypatch, strategy):
+                                                                                      monkeypatch, strategy, lora):
     """``accelerate launch --num_processes 2 -m vla_razor.cli.train_vla --algo reinforce policy=openvla ...`` (two gloo
-    processes, SimplerEnv fake): DDP with LoRA adapters, FSDP as a full fine-tune. The checkpoint holds exactly the
-    weights that train (FSDP gathers them; the frozen unread ViT parts stay the released ones), the saved policy loads
-    in one process, and a rerun restores that partial checkpoint on every process and finds the run finished."""
+    processes, SimplerEnv fake): DDP with LoRA adapters, FSDP as a full fine-tune and with LoRA (its base, the policy
+    with its adapters off, runs on the gathered weights). The checkpoint holds exactly the weights that train (FSDP
+    gathers them; the frozen unread ViT parts stay the released ones), the saved policy loads in one process, and a
+    rerun restores that partial checkpoint on every process and finds the run finished."""
     import os
     import subprocess
     import sys
@@ -720,15 +721,15 @@ def test_released_openvla_under_accelerate_launch_checkpoints_what_trains_and_re
     monkeypatch.setattr(openvla_module, "dims_from_config", lambda config: DIMS)  # for loading the result here
     repo = Path(__file__).resolve().parents[1]
     write_demos(tmp_path / "demos" / "simpler_pick_coke_can")
-    out = tmp_path / strategy
+    out = tmp_path / f"{strategy}_lora{lora}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MS2_REAL2SIM_ASSET_DIR": str(assets),
            "PYTHONPATH": os.pathsep.join([str(FAKE_SIMPLER_ROOT), str(repo), os.environ.get("PYTHONPATH", "")])}
-    lora = ["policy.openvla.lora_rank=4", "policy.openvla.lora_alpha=8"] if strategy == "ddp" else []
+    adapters = ["policy.openvla.lora_rank=4", "policy.openvla.lora_alpha=8"] if lora else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(Path(__file__).with_name("released_openvla_train_vla.py")), "--algo", "reinforce", "experiment=vla_tiny",
            "policy=openvla", f"policy.openvla.weights_dir={checkpoint}", "policy.openvla.dtype=float32",
-           "policy.openvla.device=cpu", *lora, "env=simpler_pick_coke_can", "env.image_size=32",
+           "policy.openvla.device=cpu", *adapters, "env=simpler_pick_coke_can", "env.image_size=32",
            f"demos_root={tmp_path / 'demos'}", f"base={tmp_path / 'base.pt'}", f"out_dir={out}", "eval.at_end=false",
            "eval.kl_probe_states=4", "algo.grid=2", "algo.trajectories_per_cell=1", "algo.lr=1e-2",
            f"distributed.strategy={strategy}"]
@@ -743,10 +744,14 @@ def test_released_openvla_under_accelerate_launch_checkpoints_what_trains_and_re
     policy, cfg, _ = load_policy(out / "policy.pt")
     trains = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
     assert set(saved) == trains and set(load_checkpoint(out / "policy.pt")["state_dict"]) == trains
-    assert (all("lora_" in name for name in saved) if strategy == "ddp"
+    assert (all("lora_" in name for name in saved) if lora
             else len(saved) < len(dict(policy.named_parameters())) and not any("lora_" in n for n in saved))
     for name, value in saved.items():
         torch.testing.assert_close(dict(policy.named_parameters())[name], value)
+    # KL on the main process against the base (under LoRA the adapters-off view): 0 at the start, and > 0 after
+    # exactly the updates that moved the weights (equal rewards give zero advantages, no step)
+    kl, grad_norm = kl_column(out), kl_column(out, "grad_norm")
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and (kl[-1] > 1e-6) == (grad_norm[-1] > 0)
     metrics = (out / "metrics.csv").read_text()
     rerun = launch()
     assert "resumed from" in rerun.stdout + rerun.stderr and (out / "metrics.csv").read_text() == metrics
