@@ -457,8 +457,20 @@ def test_gradient_checkpointing_keeps_gradients():
     vits = [m for m in checkpointed.modules() if isinstance(m, ViT)]
     assert checkpointed.model.model.language_model.gradient_checkpointing and all(v.gradient_checkpointing
                                                                                  for v in vits)
-    for policy in (plain, checkpointed):
+    calls = {}
+    for policy in (plain, checkpointed):  # a checkpointed layer's MLP runs again in the backward
+        vit = next(m for m in policy.modules() if isinstance(m, ViT))
+        mlps = [policy.model.model.language_model.layers[0].mlp, vit.blocks[0].mlp]
+        counted = [0, 0]
+        # pre-hooks: the recompute stops once the saved tensors are back, before the MLP's forward returns
+        hooks = [mlp.register_forward_pre_hook(lambda *_, i=i: counted.__setitem__(i, counted[i] + 1))
+                 for i, mlp in enumerate(mlps)]
         reinforce_step(policy, robot_batch())
+        for hook in hooks:
+            hook.remove()
+        calls[policy is checkpointed] = counted
+    # sampling (no grad: never checkpointed) + the update's forward, + its recompute when checkpointed
+    assert calls[True] == [n + 1 for n in calls[False]], calls
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
