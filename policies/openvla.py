@@ -224,6 +224,80 @@ def _rebuild_rotary(model: VLAForActionPrediction, device) -> None:
     language.rotary_emb = rotary.to(device)
 
 
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every LoRA adapter merged into the weight it adapts (``W + s B A``, in float32,
+    cast back to W's dtype) and peft's names undone (``q_proj.base_layer.weight`` -> ``q_proj.weight``): the keys of
+    the model without adapters. Nothing in ``model`` changes."""
+    deltas = {}
+    for name, module in model.named_modules():
+        if "_disable_adapters" in module.__dict__ and hasattr(module, "get_delta_weight"):
+            deltas[f"{name}.weight"] = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+    merged = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        merged[key] = (value.float() + deltas[key]).to(value.dtype) if key in deltas else value
+    return merged
+
+
+def export_openvla(model: VLAForActionPrediction, released_dir: str | Path, out_dir: str | Path, *,
+                   shard_bytes: int = 5 * 2**30) -> Path:
+    """``model`` (OpenVLA-7B as fine-tuned; LoRA adapters merged) as a checkpoint folder in OpenVLA's own format:
+    the release's keys and per-key dtypes in ``model-0000i-of-0000n.safetensors`` shards of at most ``shard_bytes``
+    + ``model.safetensors.index.json``, and every other file of ``released_dir`` (config.json with its norm stats,
+    tokenizer, remote code) copied. So OpenVLA's ``AutoModelForVision2Seq`` (remote code), SimplerEnv's OpenVLA
+    evaluation and ``policy.openvla.weights_dir`` load it as they load the release. Written to ``<out>.partial``
+    and renamed: a killed export leaves no half-written checkpoint. An existing ``out_dir`` is never overwritten.
+    """
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    released_dir, out_dir = Path(released_dir), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; export into a new folder (or delete it first)")
+    shards = _shard_files(released_dir)
+    dtypes = {}
+    for path in shards:
+        with safe_open(str(path), framework="pt") as shard:
+            dtypes.update({key: shard.get_slice(key).get_dtype() for key in shard.keys()})
+    weights = merged_weights(model)
+    theirs = {key: native_key(key) for key in dtypes}
+    missing = [key for key, ours in theirs.items() if ours not in weights]
+    extra = [openvla_key(key) for key in set(weights) - set(theirs.values())]
+    if missing or extra:
+        raise OpenVLAWeightsError(f"the model does not match the checkpoint in {released_dir}: it lacks "
+                                  f"{_listed(sorted(missing))} and has {_listed(sorted(extra))} besides")
+    as_torch = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    groups, size = [[]], 0
+    for key in sorted(theirs):  # whole tensors per shard, in key order, as transformers' save_pretrained shards
+        nbytes = weights[theirs[key]].numel() * as_torch[dtypes[key]].itemsize
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {key: weights[theirs[key]].detach().to("cpu", as_torch[dtypes[key]]).contiguous() for key in keys}
+        save_file(tensors, str(partial / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in keys})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    (partial / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for path in released_dir.iterdir():
+        if path.is_file() and path not in shards and path.name != "model.safetensors.index.json":
+            shutil.copy2(path, partial / path.name)
+    partial.rename(out_dir)
+    return out_dir
+
+
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.py"]  # config, norm stats, tokenizer, weights, remote code
 
 

@@ -136,9 +136,12 @@ def load_policy_header(path: str | os.PathLike) -> tuple[dict, PolicyConfig, dic
     return state, policy_config_from_dict(state["config"]), state["extra"]
 
 
-def load_policy(path: str | os.PathLike) -> tuple[TokenVLAPolicy, PolicyConfig, dict]:
-    """(policy, its config, extra metadata) from a file written by :func:`save_policy`."""
+def load_policy(path: str | os.PathLike, openvla: dict | None = None) -> tuple[TokenVLAPolicy, PolicyConfig, dict]:
+    """(policy, its config, extra metadata) from a file written by :func:`save_policy`; ``openvla``: options of
+    ``policy.openvla`` to build with instead of the file's (where to load: ``device``, ``dtype``)."""
     state, cfg, _ = load_policy_header(path)
+    if openvla:
+        cfg = replace(cfg, openvla=replace(cfg.openvla, **openvla))
     policy = build_policy(cfg, [], words=state["words"])
     if cfg.loads_released:  # the trained parameters over the released ones
         unexpected = policy.load_state_dict(state["state_dict"], strict=False).unexpected_keys

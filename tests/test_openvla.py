@@ -449,6 +449,88 @@ def test_adapters_off_view_is_the_model_the_adapters_were_added_to(speedups, res
     assert not any(module._disable_adapters for module in policy.modules() if "_disable_adapters" in module.__dict__)
 
 
+def test_export_writes_openvla_checkpoint_of_the_fine_tuned_policy(checkpoint, remote, tmp_path):
+    """A fine-tuned policy (trained LoRA adapters on every linear layer) exported in OpenVLA's own format: the
+    release's files, keys, dtypes and sharding scheme; OpenVLA's module tree loads it strictly, and loading it as a
+    checkpoint gives the fine-tuned policy's log-probs. An existing folder is not overwritten."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from policies.openvla import export_openvla
+
+    policy = load(checkpoint, lora_rank=4, lora_alpha=8, lora_targets="all_linear")
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05)  # trained adapters
+    out = export_openvla(policy.model, checkpoint, tmp_path / "tuned", shard_bytes=400_000)
+
+    released_index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert set(index) == set(released_index) and len(shards) > 2 and not (tmp_path / "tuned.partial").exists()
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    others = {p.name for p in checkpoint.iterdir() if "safetensors" not in p.name}
+    assert others and all((out / name).read_bytes() == (checkpoint / name).read_bytes() for name in others)
+    state = {k: v for shard in shards for k, v in load_file(str(out / shard)).items()}
+    released = {k: v for shard in set(released_index.values()) for k, v in load_file(str(checkpoint / shard)).items()}
+    assert {k: v.dtype for k, v in state.items()} == {k: v.dtype for k, v in released.items()}
+    reference = copy.deepcopy(remote)
+    reference.load_state_dict(state, strict=True)  # OpenVLA's module tree, key for key
+    changed = [k for k in state if not torch.equal(state[k], released[k])]
+    assert any("vision_backbone" in k for k in changed) and any("language_model" in k for k in changed)
+
+    batch, tokens = robot_batch(), torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load(out).token_log_probs(batch, tokens), policy.token_log_probs(batch, tokens),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileExistsError, match="exists"):
+        export_openvla(policy.model, checkpoint, out)
+    # the release's dtypes, whatever the model computed in: OpenVLA ships bfloat16
+    bf16_release = tmp_path / "bf16_release"
+    write_checkpoint(bf16_release, {k: v.bfloat16() for k, v in remote.state_dict().items()})
+    exported = export_openvla(policy.model, bf16_release, tmp_path / "tuned_bf16")
+    assert {v.dtype for v in load_file(str(next(exported.glob("model-*.safetensors")))).values()} == {torch.bfloat16}
+
+
+def test_export_openvla_cli_writes_a_policy_file_as_an_openvla_checkpoint(checkpoint, tmp_path, monkeypatch):
+    """``export-openvla policy_file=... out_dir=...``: a LoRA policy file (adapters only) becomes a checkpoint whose
+    native load gives the policy's log-probs; a used out_dir and a non-OpenVLA file fail in one line."""
+    from hydra import compose, initialize_config_dir
+
+    import policies.openvla as openvla_module
+    from vla_razor.cli.common import run_config
+    from vla_razor.cli.export_openvla import export
+
+    monkeypatch.setattr(openvla_module, "dims_from_config", lambda config: DIMS)
+    cfg = PolicyConfig(kind="openvla", prompt_template=OPENVLA_PROMPT, openvla=OpenVLAOptions(
+        weights_dir=str(checkpoint), unnorm_key=UNNORM_KEY, dtype="float32", device="cpu", lora_rank=4, lora_alpha=8))
+    policy = build_policy(cfg, [])
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+    save_policy(tmp_path / "run" / "policy.pt", policy, cfg)
+    tiny = tiny_config()
+    save_policy(tmp_path / "tiny.pt", build_policy(tiny, INSTRUCTIONS), tiny)
+
+    def run(policy_file, out_dir):
+        with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
+            config = compose("export_openvla", [f"policy_file={policy_file}", f"out_dir={out_dir}", "dtype=float32"])
+        return run_config("export-openvla", export, config)
+
+    out = run(tmp_path / "run" / "policy.pt", tmp_path / "exported")
+    batch, tokens = robot_batch(), torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load(out).token_log_probs(batch, tokens), policy.token_log_probs(batch, tokens),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(SystemExit, match="export-openvla: error: out_dir=.* exists"):
+        run(tmp_path / "run" / "policy.pt", out)
+    with pytest.raises(SystemExit, match="holds a policy of kind openvla_tiny"):
+        run(tmp_path / "tiny.pt", tmp_path / "other")
+
+
 def test_gradient_checkpointing_keeps_gradients():
     torch.manual_seed(0)
     plain = build_policy(tiny_config(), INSTRUCTIONS).train()

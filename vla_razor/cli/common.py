@@ -17,8 +17,8 @@ if not OmegaConf.has_resolver("dirname"):  # configs put outputs beside a given 
 
 # What a user can fix (a bad value; a missing file, package, checkpoint or Vulkan device; a foreign or corrupt
 # demos folder): one line, never a traceback.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError, CheckpointError, MissingMandatoryValue,
-               DatasetError, VulkanUnavailableError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, CheckpointError,
+               MissingMandatoryValue, DatasetError, VulkanUnavailableError)
 
 
 def run_config(program: str, job: Callable[[Any], Any], cfg) -> Any:
