@@ -224,23 +224,25 @@ def _rebuild_rotary(model: VLAForActionPrediction, device) -> None:
     language.rotary_emb = rotary.to(device)
 
 
-def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict with every LoRA adapter merged into the weight it adapts (``W + s B A``, in float32,
-    cast back to W's dtype) and peft's names undone (``q_proj.base_layer.weight`` -> ``q_proj.weight``): the keys of
-    the model without adapters. Nothing in ``model`` changes."""
-    deltas = {}
-    for name, module in model.named_modules():
-        if "_disable_adapters" in module.__dict__ and hasattr(module, "get_delta_weight"):
-            deltas[f"{name}.weight"] = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
-    merged = {}
-    for key, value in model.state_dict().items():
-        if ".lora_" in key:
-            continue
-        key = key.replace(".base_layer.", ".")
-        merged[key] = (value.float() + deltas[key]).to(value.dtype) if key in deltas else value
-    return merged
+def merged_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, nn.Module | None]]:
+    """``model``'s weights under the names of the model without adapters (``q_proj.base_layer.weight`` ->
+    ``q_proj.weight``), each as ``(tensor, adapter layer or None)``: :func:`merge_weight` of a pair is the weight with
+    the LoRA update merged. Lazy, so an export holds one merged 7B weight at a time, not a second model."""
+    adapted = {f"{name}.weight": module for name, module in model.named_modules()
+               if "_disable_adapters" in module.__dict__ and hasattr(module, "get_delta_weight")}
+    return {key.replace(".base_layer.", "."): (value, adapted.get(key.replace(".base_layer.", ".")))
+            for key, value in model.state_dict().items() if ".lora_" not in key}
 
 
+def merge_weight(value: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+    """``W + s B A`` over the layer's active adapters, in float32, cast back to W's dtype (``W`` with no adapter)."""
+    if adapter is None:
+        return value
+    delta = sum(adapter.get_delta_weight(name).float() for name in adapter.active_adapters)
+    return (value.float() + delta).to(value.dtype)
+
+
+@torch.no_grad()
 def export_openvla(model: VLAForActionPrediction, released_dir: str | Path, out_dir: str | Path, *,
                    shard_bytes: int = 5 * 2**30) -> Path:
     """``model`` (OpenVLA-7B as fine-tuned; LoRA adapters merged) as a checkpoint folder in OpenVLA's own format:
@@ -273,7 +275,7 @@ def export_openvla(model: VLAForActionPrediction, released_dir: str | Path, out_
     as_torch = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
     groups, size = [[]], 0
     for key in sorted(theirs):  # whole tensors per shard, in key order, as transformers' save_pretrained shards
-        nbytes = weights[theirs[key]].numel() * as_torch[dtypes[key]].itemsize
+        nbytes = weights[theirs[key]][0].numel() * as_torch[dtypes[key]].itemsize
         if groups[-1] and size + nbytes > shard_bytes:
             groups.append([])
             size = 0
@@ -285,7 +287,8 @@ def export_openvla(model: VLAForActionPrediction, released_dir: str | Path, out_
     weight_map, total = {}, 0
     for i, keys in enumerate(groups):
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {key: weights[theirs[key]].detach().to("cpu", as_torch[dtypes[key]]).contiguous() for key in keys}
+        tensors = {key: merge_weight(*weights[theirs[key]]).detach().to("cpu", as_torch[dtypes[key]]).contiguous()
+                   for key in keys}
         save_file(tensors, str(partial / name), metadata={"format": "pt"})
         weight_map.update({key: name for key in keys})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
