@@ -36,6 +36,7 @@ from policies.openvla_vision import (DINOV2_L14_REG4, SIGLIP_SO400M14, FusedVisi
                                      freeze_unread_parts)
 from policies.vla_model import MLPProjector, VLABody, VLAForActionPrediction
 from vla_razor.action_tokens import OPENVLA_BASE_VOCAB_SIZE, ActionTokenizer, make_action_tokenizer
+from vla_razor.policy import adapter_layers
 
 if TYPE_CHECKING:
     from policies.vla_policy import TokenVLAPolicy
@@ -228,8 +229,7 @@ def merged_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, nn.Module 
     """``model``'s weights under the names of the model without adapters (``q_proj.base_layer.weight`` ->
     ``q_proj.weight``), each as ``(tensor, adapter layer or None)``: :func:`merge_weight` of a pair is the weight with
     the LoRA update merged. Lazy, so an export holds one merged 7B weight at a time, not a second model."""
-    adapted = {f"{name}.weight": module for name, module in model.named_modules()
-               if "_disable_adapters" in module.__dict__ and hasattr(module, "get_delta_weight")}
+    adapted = {f"{name}.weight": module for name, module in adapter_layers(model).items()}
     return {key.replace(".base_layer.", "."): (value, adapted.get(key.replace(".base_layer.", ".")))
             for key, value in model.state_dict().items() if ".lora_" not in key}
 
