@@ -118,6 +118,13 @@ def save_released_base(path: str | os.PathLike, cfg: PolicyConfig) -> Path:
                                   "words": None, "state_dict": {}, "extra": {"released": cfg.openvla.weights_dir}})
 
 
+def checkpoint_policy(folder: str | os.PathLike, like: PolicyConfig) -> tuple[TokenVLAPolicy, PolicyConfig]:
+    """(policy, config) of the OpenVLA checkpoint in ``folder`` (e.g. an ``export-openvla`` output), built with the
+    options of ``like`` (an OpenVLA-7B config: dtype, device, prompt, unnorm_key) and nothing trainable added."""
+    cfg = released_base_config(replace(like, openvla=replace(like.openvla, weights_dir=str(folder))))
+    return build_policy(cfg, []), cfg
+
+
 def policy_config_from_dict(data: dict) -> PolicyConfig:
     data = dict(data)
     data["model"] = VLAModelConfig(**data["model"])

@@ -529,6 +529,11 @@ def test_export_openvla_cli_writes_a_policy_file_as_an_openvla_checkpoint(checkp
         run(tmp_path / "run" / "policy.pt", out)
     with pytest.raises(SystemExit, match="holds a policy of kind openvla_tiny"):
         run(tmp_path / "tiny.pt", tmp_path / "other")
+    # eval-forgetting scores a checkpoint folder against an OpenVLA-7B base only
+    from vla_razor.cli.eval_forgetting import EvalForgettingConfig, run_eval
+
+    with pytest.raises(ValueError, match="checkpoint folders are OpenVLA-7B policies"):
+        run_eval(EvalForgettingConfig(policy_file=str(out), base=str(tmp_path / "tiny.pt")))
 
 
 def test_gradient_checkpointing_keeps_gradients():
@@ -792,6 +797,21 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
     assert {k: v for k, v in again.items() if k != "wall_s"} == {k: v for k, v in row.items() if k != "wall_s"}
     assert row["method"] == "reinforce" and row["kl_base_to_policy"] == pytest.approx(kl[-1], rel=1e-4, abs=1e-7)
     assert {"new_score", "base_prior_score", "prior_simpler_open_drawer", "prior_simpler_close_drawer"} <= set(row)
+
+    # exported in OpenVLA's format, the same policy scores the same as a checkpoint folder
+    from policies.openvla import export_openvla
+
+    exported = export_openvla(saved[0].model, checkpoint, tmp_path / "exported")
+    with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("eval_forgetting", [
+            f"policy_file={exported}", f"base={tmp_path / 'openvla_base.pt'}", f"demos_root={tmp_path / 'demos'}",
+            "env=simpler_pick_coke_can", "env.image_size=32", "env.num_workers=1", f"results={tmp_path / 'results.csv'}",
+            f"report_dir={tmp_path / 'report'}", "eval.prior_positions=1", "eval.new_task_positions=1",
+            "eval.kl_probe_states=4", "progress=false"]))
+    (folder_row,) = run_eval(cfg)
+    assert folder_row["method"] == "checkpoint" and folder_row["run"] == str(exported)
+    assert folder_row["kl_base_to_policy"] == pytest.approx(row["kl_base_to_policy"], rel=1e-4, abs=1e-7)
+    assert {k: folder_row[k] for k in ("new_score", "prior_score")} == {k: row[k] for k in ("new_score", "prior_score")}
 
 
 @pytest.mark.parametrize("strategy, lora", [("ddp", True), ("fsdp", False), ("fsdp", True)])

@@ -3,10 +3,13 @@
     eval-forgetting policy_file=runs/main/reinforce/policy.pt base=runs/main/base/policy.pt demos_root=runs/main/demos
     eval-forgetting policy_file=... base=... eval.new_task_positions=100 eval.prior_positions=20
     eval-forgetting policy_files=[runs/main/sft/policy.pt,runs/main/reinforce/policy.pt] base=...   # one row each
+    eval-forgetting policy_file=/data/openvla-7b-finetuned base=runs/openvla/base.pt ...   # an OpenVLA checkpoint folder
 
 Writes one row to the shared results table (``results``) and rewrites the frontier / KL-forgetting report in
 ``report_dir`` from all rows, so the rows of a ``train-vla -m`` sweep and hand-evaluated checkpoints share one
-report. The base's scores are cached beside the base file.
+report. The base's scores are cached beside the base file. Against an OpenVLA-7B base (``base=`` as
+``train-vla policy=openvla`` writes it) a policy may also be an OpenVLA checkpoint folder -- an ``export-openvla``
+output or anyone's fine-tune in OpenVLA's format -- loaded with the base's options (dtype, device, prompt, unnorm_key).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 
-from policies.vla_factory import load_policy, load_policy_header, released_base_view
+from policies.vla_factory import checkpoint_policy, load_policy, load_policy_header, released_base_view
 from vla_razor.forgetting import EvalConfig, TaskSet, append_row, evaluate_checkpoints, write_robot_report
 from vla_razor.cli.common import run_config
 
@@ -55,6 +58,11 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
     for name, path in [("base", cfg.base)] + [("policy_file", f) for f in files]:
         if not Path(path).exists():
             raise FileNotFoundError(f"{name}={path} does not exist; pass the policy.pt of a train-vla run")
+    base_cfg = load_policy_header(cfg.base)[1]
+    folders = [f for f in files if Path(f).is_dir()]
+    if folders and not base_cfg.loads_released:
+        raise ValueError(f"{folders[0]} is a folder: checkpoint folders are OpenVLA-7B policies, scored against an "
+                         "OpenVLA-7B base (base= as `train-vla policy=openvla` writes it); pass policy.pt files")
     if cfg.method and len(files) > 1:
         raise ValueError("method= labels a single policy; with policy_files the rows take each run's algo")
     demos = Path(cfg.demos_root) / cfg.env.new_task
@@ -64,7 +72,7 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
         torch.set_num_threads(cfg.threads)
     # an OpenVLA-7B policy holds its own 15 GB model: those are scored one at a time (each task's env workers then
     # start once per policy), the small kinds together on one set of workers per task
-    big = any(load_policy_header(path)[1].loads_released for path in files)
+    big = any(Path(path).is_dir() or load_policy_header(path)[1].loads_released for path in files)
     released = load_policy_header(cfg.base)[2].get("released")
     base = None  # loaded when first needed: a LoRA fine-tune of the released OpenVLA-7B is its own base, adapters off
     probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)
@@ -74,8 +82,12 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
         policies, labels = {}, {}
         for i, path in group:
             name = f"policy{i}"
-            policies[name], policy_cfg, extra = load_policy(path)
-            labels[name] = (cfg.method or extra.get("algo", "unknown"), str(Path(path).parent))
+            if Path(path).is_dir():
+                policies[name], policy_cfg = checkpoint_policy(path, base_cfg)
+                labels[name] = (cfg.method or "checkpoint", str(path))
+            else:
+                policies[name], policy_cfg, extra = load_policy(path)
+                labels[name] = (cfg.method or extra.get("algo", "unknown"), str(Path(path).parent))
         view = released_base_view(policies[name], policy_cfg, released) if len(group) == 1 else None
         if view is None and base is None:
             base, _, _ = load_policy(cfg.base)
