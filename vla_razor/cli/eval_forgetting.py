@@ -58,7 +58,7 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
     for name, path in [("base", cfg.base)] + [("policy_file", f) for f in files]:
         if not Path(path).exists():
             raise FileNotFoundError(f"{name}={path} does not exist; pass the policy.pt of a train-vla run")
-    base_cfg = load_policy_header(cfg.base)[1]
+    _, base_cfg, base_extra = load_policy_header(cfg.base)
     folders = [f for f in files if Path(f).is_dir()]
     if folders and not base_cfg.loads_released:
         raise ValueError(f"{folders[0]} is a folder: checkpoint folders are OpenVLA-7B policies, scored against an "
@@ -73,7 +73,7 @@ def run_eval(cfg: EvalForgettingConfig) -> list[dict]:
     # an OpenVLA-7B policy holds its own 15 GB model: those are scored one at a time (each task's env workers then
     # start once per policy), the small kinds together on one set of workers per task
     big = any(Path(path).is_dir() or load_policy_header(path)[1].loads_released for path in files)
-    released = load_policy_header(cfg.base)[2].get("released")
+    released = base_extra.get("released")
     base = None  # loaded when first needed: a LoRA fine-tune of the released OpenVLA-7B is its own base, adapters off
     probe = DemoMixture({str(demos): 1.0}, seed=cfg.eval.seed).probe(cfg.eval.kl_probe_states, seed=cfg.eval.seed)
     out = []
