@@ -487,6 +487,10 @@ def test_export_writes_openvla_checkpoint_of_the_fine_tuned_policy(checkpoint, r
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(FileExistsError, match="exists"):
         export_openvla(policy.model, checkpoint, out)
+    # a model without adapters (a full fine-tune; here the release itself) round-trips exactly
+    plain = export_openvla(load(checkpoint).model, checkpoint, tmp_path / "plain")
+    again = {k: v for path in plain.glob("model-*.safetensors") for k, v in load_file(str(path)).items()}
+    assert again.keys() == released.keys() and all(torch.equal(again[k], released[k]) for k in released)
     # the release's dtypes, whatever the model computed in: OpenVLA ships bfloat16
     bf16_release = tmp_path / "bf16_release"
     write_checkpoint(bf16_release, {k: v.bfloat16() for k, v in remote.state_dict().items()})
