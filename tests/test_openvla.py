@@ -809,9 +809,9 @@ def test_train_vla_reinforce_on_released_openvla_rolls_out_and_updates(checkpoin
     with initialize_config_dir(str(Path(__file__).parent.parent / "configs" / "vla"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("eval_forgetting", [
             f"policy_file={exported}", f"base={tmp_path / 'openvla_base.pt'}", f"demos_root={tmp_path / 'demos'}",
-            "env=simpler_pick_coke_can", "env.image_size=32", "env.num_workers=1", f"results={tmp_path / 'results.csv'}",
-            f"report_dir={tmp_path / 'report'}", "eval.prior_positions=1", "eval.new_task_positions=1",
-            "eval.kl_probe_states=4", "progress=false"]))
+            "env=simpler_pick_coke_can", "env.image_size=32", "env.num_workers=1",
+            f"results={tmp_path / 'results.csv'}", f"report_dir={tmp_path / 'report'}", "eval.prior_positions=1",
+            "eval.new_task_positions=1", "eval.kl_probe_states=4", "progress=false"]))
     (folder_row,) = run_eval(cfg)
     assert folder_row["method"] == "checkpoint" and folder_row["run"] == str(exported)
     assert folder_row["kl_base_to_policy"] == pytest.approx(row["kl_base_to_policy"], rel=1e-4, abs=1e-7)

@@ -3,7 +3,7 @@
     eval-forgetting policy_file=runs/main/reinforce/policy.pt base=runs/main/base/policy.pt demos_root=runs/main/demos
     eval-forgetting policy_file=... base=... eval.new_task_positions=100 eval.prior_positions=20
     eval-forgetting policy_files=[runs/main/sft/policy.pt,runs/main/reinforce/policy.pt] base=...   # one row each
-    eval-forgetting policy_file=/data/openvla-7b-finetuned base=runs/openvla/base.pt ...   # an OpenVLA checkpoint folder
+    eval-forgetting policy_file=/data/openvla-7b-tuned base=runs/openvla/base.pt ...   # an OpenVLA checkpoint folder
 
 Writes one row to the shared results table (``results``) and rewrites the frontier / KL-forgetting report in
 ``report_dir`` from all rows, so the rows of a ``train-vla -m`` sweep and hand-evaluated checkpoints share one
