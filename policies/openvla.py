@@ -242,6 +242,12 @@ def merge_weight(value: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor
     return (value.float() + delta).to(value.dtype)
 
 
+def require_new_folder(out_dir: str | Path) -> None:
+    """An export never overwrites: fail (early, before a 15 GB load) when ``out_dir`` exists."""
+    if Path(out_dir).exists():
+        raise FileExistsError(f"out_dir={out_dir} exists; export into a new folder (or delete it first)")
+
+
 @torch.no_grad()
 def export_openvla(model: VLAForActionPrediction, released_dir: str | Path, out_dir: str | Path, *,
                    shard_bytes: int = 5 * 2**30) -> Path:
@@ -258,8 +264,7 @@ def export_openvla(model: VLAForActionPrediction, released_dir: str | Path, out_
     from safetensors.torch import save_file
 
     released_dir, out_dir = Path(released_dir), Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; export into a new folder (or delete it first)")
+    require_new_folder(out_dir)
     shards = _shard_files(released_dir)
     dtypes = {}
     for path in shards:

@@ -35,20 +35,19 @@ ConfigStore.instance().store(name="export_openvla_schema", node=ExportOpenVLACon
 
 
 def export(cfg: ExportOpenVLAConfig) -> Path:
-    from policies.openvla import export_openvla, resolve_weights_dir
+    from policies.openvla import export_openvla, require_new_folder, resolve_weights_dir
     from policies.vla_factory import load_policy, load_policy_header
 
     if not Path(cfg.policy_file).exists():
         raise FileNotFoundError(f"policy_file={cfg.policy_file} does not exist; pass the policy.pt of a "
                                 "`train-vla policy=openvla` run")
-    if Path(cfg.out_dir).exists():
-        raise FileExistsError(f"out_dir={cfg.out_dir} exists; export into a new folder (or delete it first)")
+    require_new_folder(cfg.out_dir)
     if cfg.shard_gb <= 0:
         raise ValueError(f"shard_gb={cfg.shard_gb} must be > 0")
-    kind = load_policy_header(cfg.policy_file)[1].kind
-    if kind != "openvla":
-        raise ValueError(f"{cfg.policy_file} holds a policy of kind {kind}; export-openvla writes OpenVLA-7B policies "
-                         "(trained with policy=openvla) in OpenVLA's format")
+    header_cfg = load_policy_header(cfg.policy_file)[1]
+    if not header_cfg.loads_released:
+        raise ValueError(f"{cfg.policy_file} holds a policy of kind {header_cfg.kind}; export-openvla writes "
+                         "OpenVLA-7B policies (trained with policy=openvla) in OpenVLA's format")
     policy, policy_cfg, _ = load_policy(cfg.policy_file, openvla={"device": cfg.device, "dtype": cfg.dtype})
     out = export_openvla(policy.model, resolve_weights_dir(policy_cfg.openvla.weights_dir), cfg.out_dir,
                          shard_bytes=int(cfg.shard_gb * 2**30))
