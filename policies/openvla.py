@@ -64,7 +64,13 @@ class OpenVLAWeightsError(ValueError):
 
 @dataclass(frozen=True)
 class OpenVLADims:
-    """Every size of the native build. :data:`OPENVLA_7B` is the released model; tests use tiny ones."""
+    """Every size of the native build. :data:`OPENVLA_7B` is the released model; tests use tiny ones.
+
+    The Llama fields default to transformers' ``LlamaConfig()``: the released ``config.json`` lists only
+    ``vocab_size``, ``pad_token_id`` and the dtype in ``text_config``, and OpenVLA's remote code builds its Llama from
+    that, so LlamaConfig's defaults are the released model's settings -- RMSNorm eps 1e-6 (not the 1e-5 of
+    meta-llama/Llama-2-7b-hf), 2048 positions. :func:`dims_from_config` takes any field the checkpoint does state.
+    """
 
     dino: ViTConfig = DINOV2_L14_REG4
     siglip: ViTConfig = SIGLIP_SO400M14
@@ -73,8 +79,8 @@ class OpenVLADims:
     heads: int = 32
     intermediate: int = 11008
     vocab_size: int = OPENVLA_VOCAB_SIZE
-    max_positions: int = 4096
-    rms_norm_eps: float = 1e-5
+    max_positions: int = 2048
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     proprio_dim: int | None = None   # OpenVLA has no proprio token; the tiny CPU twin may add one
 
@@ -345,7 +351,9 @@ def dims_from_config(config: dict) -> OpenVLADims:
     if backbone != "dinosiglip-vit-so-224px" or not config.get("use_fused_vision_backbone", True):
         raise ValueError(f"vision_backbone_id={backbone!r}: the native OpenVLA build supports "
                          "'dinosiglip-vit-so-224px' only; use policy.openvla.loader=hf for other backbones")
-    text = config.get("text_config", {})
+    text = dict(config.get("text_config", {}))
+    text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta"))  # transformers 5's place
+    text = {key: value for key, value in text.items() if value is not None}
     return replace(OPENVLA_7B, **{ours: text[theirs] for ours, theirs in (
         ("hidden", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
         ("intermediate", "intermediate_size"), ("vocab_size", "vocab_size"),

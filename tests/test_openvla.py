@@ -178,6 +178,29 @@ def test_full_size_build_on_meta_has_openvla_7b_parameter_count():
     assert {k: tuple(state[native_key(k)].shape) for k in shapes} == shapes
 
 
+RELEASED_TEXT_CONFIG = {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064}
+
+
+def test_native_llama_settings_are_the_released_config_as_openvla_code_reads_it():
+    """The release's text_config states only vocab, pad id and dtype; OpenVLA's remote code builds its Llama from
+    it, so LlamaConfig's defaults fill the rest (RMSNorm eps 1e-6, not Llama-2-7b-hf's 1e-5): the native build's."""
+    from policies.openvla import dims_from_config
+
+    theirs = transformers.LlamaConfig(**RELEASED_TEXT_CONFIG)
+    for dims in (dims_from_config({"text_config": RELEASED_TEXT_CONFIG}), OPENVLA_7B):
+        with torch.device("meta"):
+            ours = build_openvla(dims).model.language_model.config
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "hidden_act"):
+            assert getattr(ours, field) == getattr(theirs, field), field
+        assert ours.rope_parameters == theirs.rope_parameters
+    # what a checkpoint does state wins, in transformers 4's and 5's places
+    stated = dims_from_config({"text_config": {**RELEASED_TEXT_CONFIG, "rms_norm_eps": 1e-5,
+                                               "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}})
+    assert (stated.rms_norm_eps, stated.rope_theta) == (1e-5, 5e5)
+    assert dims_from_config({"text_config": {"rope_theta": 2e4}}).rope_theta == 2e4
+
+
 def test_vits_match_transformers_dinov2_registers_and_siglip():
     """The timm-layout ViTs equal transformers' independent DINOv2-with-registers and SigLIP at the block OpenVLA
     reads (second-to-last), with prefix tokens dropped."""
