@@ -393,10 +393,12 @@ class LlamaPromptTokenizer:
 
     @classmethod
     def from_dir(cls, weights_dir: str | Path) -> LlamaPromptTokenizer:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, LlamaConfig
 
         try:
-            return cls(AutoTokenizer.from_pretrained(str(weights_dir)))
+            # OpenVLA's tokenizer is Llama-2's. Without a config transformers reads config.json, whose auto_map
+            # names OpenVLA's remote code, and asks interactively whether to run it (the tokenizer needs none of it)
+            return cls(AutoTokenizer.from_pretrained(str(weights_dir), config=LlamaConfig()))
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"cannot load OpenVLA's tokenizer from {weights_dir} ({err}); the folder needs "
                                     "tokenizer.model / tokenizer.json from the checkpoint") from None
@@ -407,25 +409,62 @@ class LlamaPromptTokenizer:
 
 
 # -- the remote-code model ---------------------------------------------------------------------------------------
+OPENVLA_TIMM_VERSIONS = ("0.9.10", "0.9.11", "0.9.12", "0.9.16")  # the only ones OpenVLA's remote code accepts
+
+
+def require_openvla_timm(config) -> None:
+    """One line with the fix when OpenVLA's remote code would fail on timm: it builds its ViTs with timm and
+    refuses any version outside :data:`OPENVLA_TIMM_VERSIONS`."""
+    if not getattr(config, "timm_model_ids", None):
+        return
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(f"policy.openvla.loader=hf runs OpenVLA's remote code, which needs timm ({err}): "
+                          "pip install timm==0.9.16 (it needs torchvision), or use loader=native") from None
+    if timm.__version__ not in OPENVLA_TIMM_VERSIONS:
+        raise ImportError(f"OpenVLA's remote code accepts timm {', '.join(OPENVLA_TIMM_VERSIONS)} only, found "
+                          f"{timm.__version__}: pip install timm==0.9.16, or use loader=native")
+
+
+def on_current_transformers(remote_class: type) -> type:
+    """OpenVLA's remote model class, made loadable by the transformers this package runs on (>= 5).
+
+    The remote code was written for transformers 4.40 and, unpatched, cannot even be constructed now: its
+    ``_supports_sdpa`` is a property reading ``self.language_model``, which transformers asks for before
+    ``__init__`` has made it (AttributeError); ``tie_weights()`` takes no arguments, and transformers passes some;
+    FlashAttention-2 support is declared under the old attribute name. The subclass answers those three; the
+    modules, their names and the weights are the remote code's own. (Its ``forward`` / ``predict_action`` still
+    break on transformers 5; :func:`adapt_remote_openvla` uses its modules only.)
+    """
+    class OpenVLAOnCurrentTransformers(remote_class):
+        _supports_sdpa = True        # Llama-2 supports SDPA, which is what the property would answer
+        _supports_flash_attn = True  # the remote's _supports_flash_attn_2, under transformers 5's name
+
+        def tie_weights(self, *args, **kwargs):
+            return self.language_model.tie_weights(*args, **kwargs)  # a no-op for Llama-2's untied head
+
+    OpenVLAOnCurrentTransformers.__qualname__ = OpenVLAOnCurrentTransformers.__name__ = remote_class.__name__
+    return OpenVLAOnCurrentTransformers
+
+
 def load_openvla_remote(weights_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                         attn_implementation: str = "sdpa") -> nn.Module:
-    """OpenVLA's own ``OpenVLAForActionPrediction`` through transformers' remote code (its pinned versions:
-    transformers 4.40.1, timm 0.9.x), from a local folder or hub id."""
-    try:
-        import timm  # noqa: F401  (the remote code imports it; fail here with the fix instead of deep inside)
-        from transformers import AutoConfig
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
-    except ImportError as err:
-        raise ImportError(f"policy.openvla.loader=hf needs OpenVLA's pinned stack ({err}): pip install "
-                          "transformers==4.40.1 timm==0.9.10 tokenizers==0.19.1, or use loader=native") from None
+    """OpenVLA's own ``OpenVLAForActionPrediction`` through transformers' remote code (with timm 0.9.x), from a
+    local folder or hub id, made loadable by current transformers (:func:`on_current_transformers`)."""
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
     config = AutoConfig.from_pretrained(str(weights_dir), trust_remote_code=True)
     reference = (getattr(config, "auto_map", None) or {}).get("AutoModelForVision2Seq")
     if reference is None:
         raise ValueError(f"{weights_dir}'s config.json has no auto_map['AutoModelForVision2Seq']; "
                          "not an OpenVLA checkpoint")
-    cls = get_class_from_dynamic_module(reference, str(weights_dir))
-    return cls.from_pretrained(str(weights_dir), torch_dtype=dtype, attn_implementation=attn_implementation,
-                               trust_remote_code=True)
+    require_openvla_timm(config)
+    config.text_config.dtype = dtype  # the remote code builds its Llama from text_config, whose dtype would win
+    cls = on_current_transformers(get_class_from_dynamic_module(reference, str(weights_dir)))
+    return cls.from_pretrained(str(weights_dir), config=config, dtype=dtype,
+                               attn_implementation=attn_implementation, trust_remote_code=True)
 
 
 def adapt_remote_openvla(remote: nn.Module) -> VLAForActionPrediction:
@@ -497,7 +536,7 @@ def enable_gradient_checkpointing(model: VLAForActionPrediction) -> None:
     language = model.model.language_model
     if hasattr(language, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
         language.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:  # the remote-code model's pinned transformers 4.40
+    else:  # older transformers' name
         language.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in model.modules():
         if isinstance(module, ViT):
@@ -510,7 +549,7 @@ class OpenVLAOptions:
     """``policy.openvla``: where the 7B comes from and how it trains (the training switches apply to openvla_tiny)."""
 
     weights_dir: str = ""               # local checkpoint folder: config.json, tokenizer, *.safetensors
-    loader: str = "native"              # native: this package's build; hf: OpenVLA's remote code (pinned versions)
+    loader: str = "native"              # native: this package's build; hf: OpenVLA's remote code (needs timm 0.9.x)
     unnorm_key: str | None = None       # norm_stats entry, e.g. fractal20220817_data (Google robot), bridge_orig
     dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"                # auto: cuda when available

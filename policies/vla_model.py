@@ -67,8 +67,8 @@ class VLABody(nn.Module):
         self.image_token_id = image_token_id
         self.proprio_token_id = proprio_token_id
         self.config = language_model.config  # num_hidden_layers for the pre-allocated KV cache
-        # transformers >= 5.2x calls the KV-cache argument `cache`, older ones `past_key_values` (OpenVLA's
-        # remote code pins 4.40); this body always takes `cache` and passes it on under the decoder's name.
+        # transformers >= 5.2x calls the KV-cache argument `cache`, older ones `past_key_values`; this body always
+        # takes `cache` and passes it on under the decoder's name.
         self._cache_arg = _cache_kwarg(language_model)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

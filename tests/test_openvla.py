@@ -315,6 +315,120 @@ def test_remote_code_adapter_gives_the_native_log_probs(checkpoint, remote):
                                    atol=1e-5, rtol=0)
 
 
+# OpenVLA's remote code as it meets transformers >= 5 (a restatement of what matters from
+# prismatic/extern/hf/{configuration,modeling}_prismatic.py, with this package's tiny ViTs standing in for timm's):
+# a config whose Llama text_config says bfloat16, an ``_supports_sdpa`` property that reads ``self.language_model``
+# (which transformers asks for before ``__init__`` made it), ``tie_weights()`` without arguments, FlashAttention-2
+# declared under its old name, and the released module tree (:class:`RemoteBackbone`'s towers).
+REMOTE_CONFIGURATION = """
+from transformers import LlamaConfig, PretrainedConfig
+
+
+class OpenVLAConfig(PretrainedConfig):
+    model_type = "openvla"
+
+    def __init__(self, norm_stats=None, n_action_bins=256, use_fused_vision_backbone=True,
+                 vision_backbone_id="dinosiglip-vit-so-224px", text_config=None, pad_token_id=32000, **kwargs):
+        self.norm_stats, self.n_action_bins = norm_stats, n_action_bins
+        self.use_fused_vision_backbone, self.vision_backbone_id = use_fused_vision_backbone, vision_backbone_id
+        self.text_config = LlamaConfig(**(text_config or {}))
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+"""
+REMOTE_MODELING = """
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from policies.openvla import FusedProjector
+from test_openvla import DIMS, RemoteBackbone  # this test module: the vision half of the restatement
+
+from .configuration_prismatic import OpenVLAConfig
+
+
+class PrismaticPreTrainedModel(PreTrainedModel):
+    config_class = OpenVLAConfig
+    base_model_prefix = "model"
+    _supports_flash_attn_2 = True
+
+    @property
+    def _supports_sdpa(self):
+        return self.language_model._supports_sdpa
+
+
+class OpenVLAForActionPrediction(PrismaticPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.vision_backbone = RemoteBackbone()
+        self.projector = FusedProjector(DIMS.dino.embed_dim + DIMS.siglip.embed_dim, config.text_config.hidden_size)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config,
+                                                               attn_implementation=config._attn_implementation)
+        self.post_init()
+
+    def tie_weights(self):
+        self.language_model.tie_weights()
+"""
+
+
+@pytest.fixture
+def remote_code_checkpoint(checkpoint, tmp_path):
+    """The tiny checkpoint as OpenVLA ships it: config.json with auto_map, the remote code beside the weights."""
+    folder = tmp_path / "openvla-remote"
+    folder.mkdir()
+    for file in checkpoint.iterdir():
+        (folder / file.name).symlink_to(file)
+    (folder / "config.json").unlink()
+    llama = build_openvla(DIMS).model.language_model.config
+    text_config = {"model_type": "llama", "dtype": "bfloat16", "tie_word_embeddings": False,
+                   **{k: getattr(llama, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                     "num_hidden_layers", "num_attention_heads",
+                                                     "num_key_value_heads", "max_position_embeddings")}}
+    config = {"auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
+                           "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
+              "architectures": ["OpenVLAForActionPrediction"], "model_type": "openvla",
+              "vision_backbone_id": "dinosiglip-vit-so-224px", "use_fused_vision_backbone": True,
+              "norm_stats": NORM_STATS, "n_action_bins": 256, "pad_token_id": 32000, "text_config": text_config}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_prismatic.py").write_text(REMOTE_CONFIGURATION)
+    (folder / "modeling_prismatic.py").write_text(REMOTE_MODELING)
+    return folder
+
+
+def test_hf_loader_runs_openvla_remote_code_on_current_transformers(remote_code_checkpoint, monkeypatch):
+    """loader=hf loads OpenVLA's remote code in this package's environment (transformers >= 5): the model gives the
+    native build's log-probs, in the dtype asked for (not text_config's); neither loader asks to run remote code
+    for the tokenizer (transformers would prompt on config.json's auto_map)."""
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    native = load(remote_code_checkpoint)
+    assert prompts == []
+    remote_loaded = load(remote_code_checkpoint, loader="hf")
+    assert {p.dtype for p in remote_loaded.parameters()} == {torch.float32}
+    assert type(remote_loaded.model.model.language_model).__module__.startswith("transformers.models.llama")
+    batch = robot_batch(seed=3)
+    tokens = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(remote_loaded.token_log_probs(batch, tokens), native.token_log_probs(batch, tokens),
+                                   atol=1e-5, rtol=0)
+        out = remote_loaded(batch.clone())
+    assert out[("vla_action", "tokens")].shape == (3, 1, 7)
+
+
+def test_hf_loader_needs_openvla_timm_versions(monkeypatch):
+    """OpenVLA's remote code builds timm ViTs and refuses timm outside 0.9.10-0.9.16: one line with the fix."""
+    import types
+
+    from policies.openvla import require_openvla_timm
+
+    config = types.SimpleNamespace(timm_model_ids=["vit_large_patch14_reg4_dinov2.lvd142m"])
+    monkeypatch.setitem(__import__("sys").modules, "timm", types.SimpleNamespace(__version__="1.0.15"))
+    with pytest.raises(ImportError, match="timm==0.9.16"):
+        require_openvla_timm(config)
+    monkeypatch.setitem(__import__("sys").modules, "timm", types.SimpleNamespace(__version__="0.9.16"))
+    require_openvla_timm(config)
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # not installed
+    with pytest.raises(ImportError, match="pip install timm==0.9.16"):
+        require_openvla_timm(config)
+    require_openvla_timm(types.SimpleNamespace())  # no timm towers named: nothing to check
+
+
 def test_missing_and_unexpected_keys_are_listed(tmp_path, remote):
     state = dict(remote.state_dict())
     del state["projector.fc3.bias"]
