@@ -668,5 +668,5 @@ def openvla_policy(model: VLAForActionPrediction, tokenizer, options: OpenVLAOpt
     policy = TokenVLAPolicy(model, tokenizer, num_image_tokens=dims.num_image_tokens,
                             image_size=dims.dino.image_size, use_proprio=False, prompt_template=prompt_template,
                             temperature=temperature, action_tokenizer=action_tokenizer,
-                            cuda_graph_decode=options.cuda_graph_decode)
+                            cuda_graph_decode=options.cuda_graph_decode, image_resample="bicubic")
     return policy.to(next(model.parameters()).device)

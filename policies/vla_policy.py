@@ -135,6 +135,9 @@ def instruction_strings(value, batch: int) -> list[str]:
     return flat
 
 
+IMAGE_RESAMPLING = ("bilinear", "bicubic")
+
+
 class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
     """An OpenVLA-layout model behind torchrl's ``VLAWrapperBase`` and the shared ``TokenPolicy`` interface.
 
@@ -142,7 +145,9 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         model: body ``.model`` + ``get_output_embeddings()`` (see module docstring).
         prompt_tokenizer: a :class:`TextTokenizer` (bos/pad/placeholder ids, where the 256 action ids end).
         num_image_tokens: patches the vision tower emits per image.
-        image_size: model input resolution; frames are resized to it (antialiased).
+        image_size: model input resolution; frames of another size are resized to it (antialiased).
+        image_resample: ``"bilinear"`` (the embedded VLA's) or ``"bicubic"``: OpenVLA's processor, PIL's
+            bicubic, rounded back to 8-bit levels (within one level of it, for any frame size).
         use_proprio: put the normalized state at a ``<proprio>`` placeholder.
         state_differences: pairs ``(a, b)`` of state offsets; ``state[a:a+3] - state[b:b+3]`` is appended to the
             proprio features (the embedded default adds object minus gripper position: a small model from a few
@@ -156,7 +161,10 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
                  image_size: int, use_proprio: bool = True, proprio_dim: int = 19,
                  state_differences: Sequence[Sequence[int]] = (),
                  prompt_template: str = OPENVLA_PROMPT, temperature: float = 1.0,
-                 action_tokenizer: ActionTokenizer | None = None, cuda_graph_decode: bool = False):
+                 action_tokenizer: ActionTokenizer | None = None, cuda_graph_decode: bool = False,
+                 image_resample: str = "bilinear"):
+        if image_resample not in IMAGE_RESAMPLING:
+            raise ValueError(f"image_resample={image_resample!r}; use one of {', '.join(IMAGE_RESAMPLING)}")
         action_tokenizer = action_tokenizer or make_action_tokenizer()
         super().__init__(model=model, action_dim=ACTION_DIM, chunk_size=1, action_head="tokens",
                          vocab_size=action_tokenizer.num_bins, action_tokenizer=action_tokenizer,
@@ -165,6 +173,7 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         self.prompt_tokenizer = prompt_tokenizer
         self.num_image_tokens = int(num_image_tokens)
         self.image_size = int(image_size)
+        self.image_resample = image_resample
         self.use_proprio = bool(use_proprio)
         self.prompt_template = prompt_template
         self.temperature = float(temperature)
@@ -221,8 +230,10 @@ class TokenVLAPolicy(VLAWrapperBase, TokenPolicy):
         device = self.action_token_ids.device
         pixels = image.to(device=device, dtype=torch.float32)
         if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
-            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",
+            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode=self.image_resample,
                                    antialias=True, align_corners=False)
+            if self.image_resample == "bicubic":  # PIL's result is an 8-bit image again (bicubic overshoots)
+                pixels = pixels.round_().clamp_(0, 255)
         pixels = pixels / 127.5 - 1.0  # SigLIP's mean/std of 0.5
         prompts = [self._prompt_ids(s) for s in instruction_strings(self._get_instruction(batch), n)]
         length = max(len(p) for p in prompts)

@@ -295,6 +295,25 @@ def test_native_load_matches_openvla_forward_and_action_path(checkpoint, remote)
             torch.testing.assert_close(logits[row], ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("frame", [(90, 70), (40, 30)])  # downscaled and upscaled to the model's 56 px
+def test_frames_of_another_size_are_resized_as_openvla_processor_does(checkpoint, frame):
+    """OpenVLA's processor resizes with PIL's (antialiased) bicubic to an 8-bit image: the policy's pixels are within
+    one level of it (bilinear was up to ~17 levels off on a 640 x 512 frame)."""
+    from PIL import Image
+
+    policy = load(checkpoint)
+    g = torch.Generator().manual_seed(5)
+    coarse = torch.randint(0, 256, (2, 3, frame[0] // 6 + 1, frame[1] // 6 + 1), generator=g).float()
+    images = torch.nn.functional.interpolate(coarse, size=frame, mode="bilinear").round().to(torch.uint8)
+    images[:, :, frame[0] // 3: frame[0] // 2] = 255 - images[:, :, frame[0] // 3: frame[0] // 2]  # hard edges
+    batch = TensorDict({("observation", "image"): images, "language_instruction": INSTRUCTIONS}, batch_size=[2])
+    pixels = policy.prepare(batch)["pixel_values"]
+    for row in range(2):
+        pil = Image.fromarray(images[row].permute(1, 2, 0).numpy()).resize((IMAGE, IMAGE), Image.Resampling.BICUBIC)
+        want = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 127.5 - 1
+        assert (pixels[row] - want).abs().max() <= 1 / 127.5 + 1e-6
+
+
 def test_remote_code_adapter_gives_the_native_log_probs(checkpoint, remote):
     """The adapter over OpenVLA's module tree (here its restatement) runs the shared policy unchanged."""
     from policies.openvla import adapt_remote_openvla
@@ -453,6 +472,12 @@ def test_bad_inputs_fail_with_the_fix(tmp_path, checkpoint):
         build_openvla_policy(opts, prompt_template=OPENVLA_PROMPT, temperature=1.0, dims=DIMS)
     with pytest.raises(ValueError, match="loader='timm'"):
         OpenVLAOptions(loader="timm")
+    from policies.vla_policy import TokenVLAPolicy
+
+    policy = load(checkpoint)
+    with pytest.raises(ValueError, match="image_resample='lanczos'; use one of bilinear, bicubic"):
+        TokenVLAPolicy(policy.model, policy.prompt_tokenizer, num_image_tokens=DIMS.num_image_tokens, image_size=IMAGE,
+                       use_proprio=False, image_resample="lanczos")
 
 
 def test_a_hub_id_loads_its_snapshot_and_an_unfetchable_one_says_how_to_fix_it(checkpoint, monkeypatch):
