@@ -188,23 +188,30 @@ def load_openvla_weights(model: VLAForActionPrediction, weights_dir: str | Path,
     never holds random weights.
     """
     from safetensors import safe_open
+    from tqdm import tqdm
 
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         raise FileNotFoundError(f"OpenVLA weights folder {weights_dir} does not exist; download the checkpoint "
                                 "(config.json, tokenizer, *.safetensors) there or fix policy.openvla.weights_dir")
     state, unexpected = {}, []
-    for path in _shard_files(weights_dir):
+    shards = _shard_files(weights_dir)
+    for path in shards:
         if not path.is_file():
             raise FileNotFoundError(f"shard {path.name} listed in the index is missing from {weights_dir}; "
                                     "finish the download")
-        with safe_open(str(path), framework="pt", device=str(device)) as shard:
-            for key in shard.keys():
-                ours = native_key(key)
-                if ours is None:
-                    unexpected.append(key)
-                else:
-                    state[ours] = shard.get_tensor(key)
+    total = sum(path.stat().st_size for path in shards)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {weights_dir.name}", leave=False,
+              disable=total < 2**30) as bar:  # the 7B's 15 GB take a while from disk; tiny test files do not
+        for path in shards:
+            with safe_open(str(path), framework="pt", device=str(device)) as shard:
+                for key in shard.keys():
+                    ours = native_key(key)
+                    if ours is None:
+                        unexpected.append(key)
+                    else:
+                        state[ours] = shard.get_tensor(key)
+                        bar.update(state[ours].nbytes)
     expected = model.state_dict()
     missing = [openvla_key(k) for k in expected if k not in state]
     unexpected += [openvla_key(k) for k in state if k not in expected]
