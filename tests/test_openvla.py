@@ -532,6 +532,10 @@ def test_lora_trains_only_decoder_adapters():
     layers = policy.model.model.language_model.config.num_hidden_layers
     assert len(trainable) == layers * len(per_layer)
     assert all(".language_model.layers." in n and n.split(".", 6)[-1] in per_layer for n in trainable), trainable
+    # OpenVLA's finetune.py recipe: Gaussian A with std 1/r (peft "gaussian"), B = 0
+    a = torch.cat([p.detach().flatten() for n, p in policy.named_parameters() if ".lora_A." in n])
+    assert abs(a.std().item() * 4 - 1) < 0.15 and abs(a.mean().item()) < 0.05
+    assert all(not p.any() for n, p in policy.named_parameters() if ".lora_B." in n)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     reinforce_step(policy, robot_batch())
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
