@@ -430,6 +430,37 @@ def test_hf_loader_runs_openvla_remote_code_on_current_transformers(remote_code_
     assert out[("vla_action", "tokens")].shape == (3, 1, 7)
 
 
+def test_parity_tool_passes_agreeing_loaders_and_catches_a_remote_that_ignores_the_image(remote_code_checkpoint,
+                                                                                            capsys, monkeypatch):
+    """``python -m policies.openvla_parity``: native vs remote code on the same frames; a remote model whose vision
+    tower returns zeros (the "constant action for every image" failure) disagrees by the frames' whole effect."""
+    from policies import openvla_parity
+
+    report = openvla_parity.loader_agreement(str(remote_code_checkpoint), frames=3, dims=DIMS, unnorm_key=UNNORM_KEY)
+    assert report["agree"] and report["max_abs_log_prob_diff"] < 1e-5 < report["image_effect"]
+    assert report["greedy_actions_equal"] == 1.0
+
+    blind = remote_code_checkpoint.parent / "openvla-blind"
+    blind.mkdir()
+    for file in remote_code_checkpoint.iterdir():
+        (blind / file.name).symlink_to(file.resolve())
+    (blind / "modeling_prismatic.py").unlink()
+    (blind / "modeling_prismatic.py").write_text(REMOTE_MODELING.replace(
+        "        self.vision_backbone = RemoteBackbone()\n",
+        "        self.vision_backbone = RemoteBackbone()\n"
+        "        for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):\n"
+        "            tower.register_forward_hook(lambda module, args, out: torch.zeros_like(out))\n"
+    ).replace("from transformers import", "import torch\nfrom transformers import"))
+    report = openvla_parity.loader_agreement(str(blind), frames=3, dims=DIMS, unnorm_key=UNNORM_KEY)
+    assert not report["agree"] and report["max_abs_log_prob_diff"] > 0.1 * report["image_effect"]
+    # the command line: the report, exit 1 on disagreement, a one-line error for a bad folder
+    assert openvla_parity.main([str(blind.parent / "nowhere")]) == 2
+    assert "is no folder" in capsys.readouterr().err
+    monkeypatch.setattr(openvla_parity, "loader_agreement", lambda *args, **kwargs: report)
+    assert openvla_parity.main([str(blind)]) == 1
+    assert json.loads(capsys.readouterr().out) == report
+
+
 def test_hf_loader_needs_openvla_timm_versions(monkeypatch):
     """OpenVLA's remote code builds timm ViTs and refuses timm outside 0.9.10-0.9.16: one line with the fix."""
     import types
