@@ -456,9 +456,10 @@ def on_current_transformers(remote_class: type) -> type:
 
 
 def load_openvla_remote(weights_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                        attn_implementation: str = "sdpa") -> nn.Module:
+                        attn_implementation: str = "sdpa", device: str | torch.device = "cpu") -> nn.Module:
     """OpenVLA's own ``OpenVLAForActionPrediction`` through transformers' remote code (with timm 0.9.x), from a
-    local folder or hub id, made loadable by current transformers (:func:`on_current_transformers`)."""
+    local folder or hub id, made loadable by current transformers (:func:`on_current_transformers`), its weights
+    read straight onto ``device`` (not 15 GB of host memory per process first)."""
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -470,7 +471,10 @@ def load_openvla_remote(weights_dir: str | Path, *, dtype: torch.dtype = torch.b
     require_openvla_timm(config)
     config.text_config.dtype = dtype  # the remote code builds its Llama from text_config, whose dtype would win
     cls = on_current_transformers(get_class_from_dynamic_module(reference, str(weights_dir)))
-    return cls.from_pretrained(str(weights_dir), config=config, dtype=dtype,
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # this process's GPU, as under accelerate launch
+        device = torch.device("cuda", torch.cuda.current_device())
+    return cls.from_pretrained(str(weights_dir), config=config, dtype=dtype, device_map={"": str(device)},
                                attn_implementation=attn_implementation, trust_remote_code=True)
 
 
@@ -619,7 +623,8 @@ def load_openvla_model(options: OpenVLAOptions, config: dict, device: torch.devi
                        dims: OpenVLADims | None = None) -> VLAForActionPrediction:
     """The 7B body + head from ``options.weights_dir``, natively or through OpenVLA's remote code."""
     if options.loader == "hf":
-        remote = load_openvla_remote(options.weights_dir, dtype=dtype, attn_implementation=options.attn_implementation)
+        remote = load_openvla_remote(options.weights_dir, dtype=dtype, attn_implementation=options.attn_implementation,
+                                     device=device)
         return adapt_remote_openvla(remote).to(device)
     with torch.device("meta"):
         model = build_openvla(dims or dims_from_config(config), attn_implementation=options.attn_implementation)
