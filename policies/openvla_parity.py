@@ -45,9 +45,9 @@ def loader_agreement(weights_dir: str, *, device: str = "auto", dtype: str = "au
                      unnorm_key: str | None = None, seed: int = 0, dims=None) -> dict:
     """How far ``loader=native`` is from ``loader=hf`` on ``frames`` random frames (see the module docstring).
     ``dims`` overrides the sizes read from config.json, as in :func:`~policies.openvla.build_openvla_policy`."""
-    from policies.openvla import OPENVLA_7B
-
     from tensordict import TensorDict
+
+    from policies.openvla import OPENVLA_7B
 
     g = torch.Generator().manual_seed(seed)
     size = (dims or OPENVLA_7B).dino.image_size

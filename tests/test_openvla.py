@@ -389,11 +389,6 @@ class OpenVLAForActionPrediction(PrismaticPreTrainedModel):
 @pytest.fixture
 def remote_code_checkpoint(checkpoint, tmp_path):
     """The tiny checkpoint as OpenVLA ships it: config.json with auto_map, the remote code beside the weights."""
-    folder = tmp_path / "openvla-remote"
-    folder.mkdir()
-    for file in checkpoint.iterdir():
-        (folder / file.name).symlink_to(file)
-    (folder / "config.json").unlink()
     llama = build_openvla(DIMS).model.language_model.config
     text_config = {"model_type": "llama", "dtype": "bfloat16", "tie_word_embeddings": False,
                    **{k: getattr(llama, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -404,9 +399,19 @@ def remote_code_checkpoint(checkpoint, tmp_path):
               "architectures": ["OpenVLAForActionPrediction"], "model_type": "openvla",
               "vision_backbone_id": "dinosiglip-vit-so-224px", "use_fused_vision_backbone": True,
               "norm_stats": NORM_STATS, "n_action_bins": 256, "pad_token_id": 32000, "text_config": text_config}
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "configuration_prismatic.py").write_text(REMOTE_CONFIGURATION)
-    (folder / "modeling_prismatic.py").write_text(REMOTE_MODELING)
+    return linked_copy(checkpoint, tmp_path / "openvla-remote", {"config.json": json.dumps(config),
+                                                                  "configuration_prismatic.py": REMOTE_CONFIGURATION,
+                                                                  "modeling_prismatic.py": REMOTE_MODELING})
+
+
+def linked_copy(source, folder, files: dict[str, str]):
+    """``folder`` holding ``source``'s files as links, except ``files`` (name -> text), written in their place."""
+    folder.mkdir()
+    for file in source.iterdir():
+        if file.name not in files:
+            (folder / file.name).symlink_to(file.resolve())
+    for name, text in files.items():
+        (folder / name).write_text(text)
     return folder
 
 
@@ -440,17 +445,13 @@ def test_parity_tool_passes_agreeing_loaders_and_catches_a_remote_that_ignores_t
     assert report["agree"] and report["max_abs_log_prob_diff"] < 1e-5 < report["image_effect"]
     assert report["greedy_actions_equal"] == 1.0
 
-    blind = remote_code_checkpoint.parent / "openvla-blind"
-    blind.mkdir()
-    for file in remote_code_checkpoint.iterdir():
-        (blind / file.name).symlink_to(file.resolve())
-    (blind / "modeling_prismatic.py").unlink()
-    (blind / "modeling_prismatic.py").write_text(REMOTE_MODELING.replace(
-        "        self.vision_backbone = RemoteBackbone()\n",
-        "        self.vision_backbone = RemoteBackbone()\n"
-        "        for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):\n"
-        "            tower.register_forward_hook(lambda module, args, out: torch.zeros_like(out))\n"
-    ).replace("from transformers import", "import torch\nfrom transformers import"))
+    blind = linked_copy(remote_code_checkpoint, remote_code_checkpoint.parent / "openvla-blind", {
+        "modeling_prismatic.py": REMOTE_MODELING.replace(
+            "        self.vision_backbone = RemoteBackbone()\n",
+            "        self.vision_backbone = RemoteBackbone()\n"
+            "        for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):\n"
+            "            tower.register_forward_hook(lambda module, args, out: torch.zeros_like(out))\n"
+        ).replace("from transformers import", "import torch\nfrom transformers import")})
     report = openvla_parity.loader_agreement(str(blind), frames=3, dims=DIMS, unnorm_key=UNNORM_KEY)
     assert not report["agree"] and report["max_abs_log_prob_diff"] > 0.1 * report["image_effect"]
     # the command line: the report, exit 1 on disagreement, a one-line error for a bad folder
