@@ -193,16 +193,18 @@ def load_shard(root: Path, cell: int) -> TensorDict:
     """One cell's shard (memory-mapped), validated; DatasetError naming the shard if it is corrupt."""
     path = Path(root) / SHARDS / shard_name(cell)
     try:
-        # load_memmap silently zero-extends a truncated .memmap file, so sizes are taken beforehand.
-        sizes = {str(p): p.stat().st_size for p in path.rglob("*.memmap")}
+        # load_memmap silently zero-extends a truncated .memmap file, so sizes are taken beforehand; keyed by
+        # resolved path, as the tensors name their files absolutely (the folder may be given relative or via a link)
+        sizes = {str(p.resolve()): p.stat().st_size for p in path.rglob("*.memmap")}
         td = TensorDict.load_memmap(path)
         for key, tensor in td.items(include_nested=True, leaves_only=True):
             expected = tensor.numel() * tensor.element_size()
             if expected == 0:  # empty tensors are stored without a file
                 continue
-            if sizes.get(str(Path(tensor.filename))) != expected:
-                raise ValueError(f"{_key_name(key)}: file {tensor.filename} held "
-                                 f"{sizes.get(str(Path(tensor.filename)))} bytes, its shape needs {expected}")
+            held = sizes.get(str(Path(tensor.filename).resolve()))
+            if held != expected:
+                raise ValueError(f"{_key_name(key)}: file {tensor.filename} held {held} bytes, its shape needs "
+                                 f"{expected}")
         steps, eps = td["steps"], td["episodes"]
         # A cell whose every attempt failed has a shard with no episodes (and no per-step fields).
         for key in STEP_KEYS if eps.batch_size[0] else ("episode", "step"):
