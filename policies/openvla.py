@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from policies.openvla_vision import (DINOV2_L14_REG4, SIGLIP_SO400M14, FusedVisionTower, ViT, ViTConfig,
-                                     freeze_unread_parts)
+                                     freeze_unread_parts, read_second_to_last_block)
 from policies.vla_model import MLPProjector, VLABody, VLAForActionPrediction
 from vla_razor.action_tokens import OPENVLA_BASE_VOCAB_SIZE, ActionTokenizer, make_action_tokenizer
 from vla_razor.policy import adapter_layers
@@ -483,11 +483,14 @@ def adapt_remote_openvla(remote: nn.Module) -> VLAForActionPrediction:
 
     The body scatters the projected patches at the placeholder ids instead of concatenating after ``<s>``: the
     same sequence, so :mod:`policies.openvla_fast` and :class:`TokenVLAPolicy` run on it unchanged, with the
-    native build's state-dict keys.
+    native build's state-dict keys. Its timm ViTs compute the same features as the native ones do: up to the
+    second-to-last block (OpenVLA's ``get_intermediate_layers`` also runs the last one, for an output it drops), with
+    gradient checkpointing when asked.
     """
     lm, vision = remote.language_model, remote.vision_backbone
-    for encoder in (vision.featurizer, vision.fused_featurizer):  # timm 0.9 runs the last block, the features skip it
+    for encoder in (vision.featurizer, vision.fused_featurizer):
         freeze_unread_parts(encoder)
+        read_second_to_last_block(encoder)
     body = VLABody(FusedVisionTower(vision.featurizer, vision.fused_featurizer), remote.projector, lm.model,
                    image_token_id=IMAGE_PLACEHOLDER_ID)
     return VLAForActionPrediction(body, lm.lm_head.weight.shape[0], lm_head=lm.get_output_embeddings())
@@ -552,8 +555,9 @@ def enable_gradient_checkpointing(model: VLAForActionPrediction) -> None:
     else:  # older transformers' name
         language.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in model.modules():
-        if isinstance(module, ViT):
-            module.gradient_checkpointing = True
+        if isinstance(module, FusedVisionTower):  # this package's ViTs or, under loader=hf, timm's
+            module.featurizer.set_grad_checkpointing(True)
+            module.fused_featurizer.set_grad_checkpointing(True)
 
 
 # -- the policy -------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ OpenVLA's processor stacks both normalizations into 6 channels; :class:`FusedVis
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -156,19 +157,43 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn_pool = AttentionPoolLatent(cfg) if cfg.attention_pool else None
         self.num_prefix_tokens = int(cfg.class_token) + cfg.reg_tokens
-        self.gradient_checkpointing = False
+        self.grad_checkpointing = False  # timm's name: set_grad_checkpointing switches either kind of ViT
         freeze_unread_parts(self)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels) + self.pos_embed                                     # [B, N, D]
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         x = torch.cat([*prefix, x], dim=1) if prefix else x                               # [B, P + N, D]
-        for block in self.blocks[:-1]:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks[:-1], x, checkpointing=self.grad_checkpointing and self.training)
         return x[:, self.num_prefix_tokens:]
+
+
+def run_blocks(blocks, x: torch.Tensor, *, checkpointing: bool) -> torch.Tensor:
+    """``x`` through ``blocks`` in order; with ``checkpointing``, each block's activations are recomputed in the
+    backward instead of kept."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+    return x
+
+
+def penultimate_timm_features(encoder: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """OpenVLA's features from one of its timm (0.9.x) ViTs: what its patched ``forward``,
+    ``get_intermediate_layers(n={depth - 2})``, returns (the second-to-last block's output, prefix tokens dropped),
+    without running the last block, whose output that call computes and drops, and honouring timm's
+    ``set_grad_checkpointing``, which that call ignores. :func:`read_second_to_last_block` installs it."""
+    x = encoder.norm_pre(encoder.patch_drop(encoder._pos_embed(encoder.patch_embed(pixels))))
+    x = run_blocks(encoder.blocks[:-1], x, checkpointing=encoder.grad_checkpointing and encoder.training)
+    return x[:, encoder.num_prefix_tokens:]
+
+
+def read_second_to_last_block(encoder: nn.Module) -> None:
+    """A timm ViT of OpenVLA's remote code computes its features as :class:`ViT` does
+    (:func:`penultimate_timm_features`); this package's ViTs already do."""
+    if hasattr(encoder, "_intermediate_layers"):  # timm 0.9's VisionTransformer, which get_intermediate_layers calls
+        encoder.forward = types.MethodType(penultimate_timm_features, encoder)
 
 
 def freeze_unread_parts(encoder: nn.Module) -> None:

@@ -5,6 +5,7 @@ The reference for "OpenVLA's behaviour" is a restatement of its released module 
 stacked, ``logits[:, -8:-1]`` for the 7 action tokens, ``predict_action``'s de-tokenization. The full-size build is
 only ever instantiated on the meta device.
 """
+import functools
 import json
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from policies.openvla import (  # noqa: E402
     native_key,
     tiny_dims,
 )
-from policies.openvla_vision import ViT  # noqa: E402
+from policies.openvla_vision import FusedVisionTower, ViT  # noqa: E402
 from policies.vla_factory import PolicyConfig, build_policy, load_policy, save_policy  # noqa: E402
 from policies.vla_model import VLAModelConfig  # noqa: E402
 from policies.vla_policy import OPENVLA_PROMPT  # noqa: E402
@@ -46,12 +47,47 @@ IMAGE = DIMS.dino.image_size
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+class TimmVisionTransformer(ViT):
+    """timm 0.9's ``VisionTransformer`` as far as OpenVLA's remote code uses it (its parameter names are the native
+    ViT's): the steps of its forward, and ``get_intermediate_layers``, which runs every block and keeps the ones
+    asked for (timm 0.9.10-0.9.16, ``models/vision_transformer.py``). Nothing frozen, as timm builds it."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.patch_drop, self.norm_pre = nn.Identity(), nn.Identity()
+        self.requires_grad_(True)
+
+    def _pos_embed(self, x):  # DINOv2-reg's no_embed_class: positions for the patches, then the prefix tokens
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        return torch.cat([*prefix, x + self.pos_embed], dim=1)
+
+    def _intermediate_layers(self, x, n=1):
+        outputs, take = [], set(range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in take:
+                outputs.append(x)
+        return outputs
+
+    def get_intermediate_layers(self, x, n=1):
+        return tuple(out[:, self.num_prefix_tokens:] for out in self._intermediate_layers(x, n))
+
+
+def openvla_featurizer(cfg):
+    """``PrismaticVisionBackbone``'s timm ViT: its ``forward`` patched to the second-to-last block's patches."""
+    vit = TimmVisionTransformer(cfg)
+    features = functools.partial(vit.get_intermediate_layers, n={len(vit.blocks) - 2})
+    vit.forward = lambda *args, **kwargs: features(*args, **kwargs)[0]  # OpenVLA's unpack_tuple
+    return vit
+
+
 class RemoteBackbone(nn.Module):
     """``PrismaticVisionBackbone.forward``: split the 6 stacked channels, featurize each, concatenate channels."""
 
     def __init__(self):
         super().__init__()
-        self.featurizer, self.fused_featurizer = ViT(DIMS.dino), ViT(DIMS.siglip)
+        self.featurizer, self.fused_featurizer = openvla_featurizer(DIMS.dino), openvla_featurizer(DIMS.siglip)
 
     def forward(self, pixel_values):
         dino, siglip = torch.split(pixel_values, [3, 3], dim=1)
@@ -738,30 +774,58 @@ def test_export_openvla_cli_writes_a_policy_file_as_an_openvla_checkpoint(checkp
         run_eval(EvalForgettingConfig(policy_file=str(out), base=str(tmp_path / "tiny.pt")))
 
 
-def test_gradient_checkpointing_keeps_gradients():
+@pytest.mark.parametrize("loader", ["native", "hf"])
+def test_gradient_checkpointing_keeps_gradients(loader, request):
+    """policy.openvla.gradient_checkpointing recomputes the decoder layers and both ViTs in the backward, same
+    gradients. Under loader=hf the ViTs are timm's, whose features OpenVLA takes from ``get_intermediate_layers``:
+    that call ignores timm's checkpointing switch and runs the last block for an output it drops; neither holds."""
     torch.manual_seed(0)
-    plain = build_policy(tiny_config(), INSTRUCTIONS).train()
-    checkpointed = build_policy(tiny_config(gradient_checkpointing=True), INSTRUCTIONS).train()
-    checkpointed.load_state_dict(plain.state_dict())
-    vits = [m for m in checkpointed.modules() if isinstance(m, ViT)]
-    assert checkpointed.model.model.language_model.gradient_checkpointing and all(v.gradient_checkpointing
-                                                                                 for v in vits)
+    if loader == "hf":
+        folder = request.getfixturevalue("remote_code_checkpoint")
+        plain, checkpointed = (load(folder, loader="hf", gradient_checkpointing=on).train() for on in (False, True))
+    else:
+        plain = build_policy(tiny_config(), INSTRUCTIONS).train()
+        checkpointed = build_policy(tiny_config(gradient_checkpointing=True), INSTRUCTIONS).train()
+        checkpointed.load_state_dict(plain.state_dict())
+    vits = [vit for tower in checkpointed.modules() if isinstance(tower, FusedVisionTower)
+            for vit in (tower.featurizer, tower.fused_featurizer)]
+    assert checkpointed.model.model.language_model.gradient_checkpointing and len(vits) == 2
+    assert all(vit.grad_checkpointing and isinstance(vit, TimmVisionTransformer) == (loader == "hf") for vit in vits)
     calls = {}
     for policy in (plain, checkpointed):  # a checkpointed layer's MLP runs again in the backward
         vit = next(m for m in policy.modules() if isinstance(m, ViT))
-        mlps = [policy.model.model.language_model.layers[0].mlp, vit.blocks[0].mlp]
-        counted = [0, 0]
+        watched = [policy.model.model.language_model.layers[0].mlp, vit.blocks[0].mlp, vit.blocks[-1]]
+        counted = [0, 0, 0]
         # pre-hooks: the recompute stops once the saved tensors are back, before the MLP's forward returns
-        hooks = [mlp.register_forward_pre_hook(lambda *_, i=i: counted.__setitem__(i, counted[i] + 1))
-                 for i, mlp in enumerate(mlps)]
+        hooks = [module.register_forward_pre_hook(lambda *_, i=i: counted.__setitem__(i, counted[i] + 1))
+                 for i, module in enumerate(watched)]
         reinforce_step(policy, robot_batch())
         for hook in hooks:
             hook.remove()
         calls[policy is checkpointed] = counted
-    # sampling (no grad: never checkpointed) + the update's forward, + its recompute when checkpointed
-    assert calls[True] == [n + 1 for n in calls[False]], calls
+    # sampling (no grad: never checkpointed) + the update's forward, + its recompute when checkpointed; the ViT's
+    # last block never runs
+    assert calls[False][0] > 0 and calls[False][2] == 0, calls
+    assert calls[True] == [calls[False][0] + 1, calls[False][1] + 1, 0], calls
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_hf_loader_takes_openvla_features_without_running_the_unread_block(remote_code_checkpoint):
+    """The remote code's towers, adapted, give what OpenVLA's patched ``forward`` (timm's
+    ``get_intermediate_layers(n={depth - 2})``) gives, which runs the last block too."""
+    remote = load(remote_code_checkpoint, loader="hf")
+    pixels = torch.randn(2, 3, IMAGE, IMAGE)
+    tower = remote.model.model.vision_tower
+    for vit in (tower.featurizer, tower.fused_featurizer):
+        runs = []
+        vit.blocks[-1].register_forward_pre_hook(lambda *_: runs.append(1))
+        with torch.no_grad():
+            features = vit(pixels)
+            assert runs == []
+            (openvla,) = vit.get_intermediate_layers(pixels, n={len(vit.blocks) - 2})
+        assert runs == [1] and features.shape == openvla.shape
+        torch.testing.assert_close(features, openvla, atol=0, rtol=0)
 
 
 def test_speedups_are_off_on_cpu_unless_asked_and_validated():
