@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -326,6 +327,13 @@ def _is_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
+def absolute_if_local(weights_dir: str) -> str:
+    """``weights_dir`` as an absolute path when it names a local folder, else as it is (a hub id, or empty): the policy
+    and base files that name it are read from other working directories."""
+    local = Path(weights_dir).expanduser()
+    return os.path.abspath(local) if weights_dir and local.is_dir() else weights_dir
+
+
 def resolve_weights_dir(weights_dir: str) -> Path:
     """A local checkpoint folder as it is; a Hugging Face hub id (``openvla/openvla-7b``) that names no local folder
     as its snapshot in the hub cache, downloaded there on first use (~15 GB; ``HF_HUB_OFFLINE=1`` uses the cache
@@ -584,6 +592,7 @@ class OpenVLAOptions:
     cuda_graph_decode: bool = False       # replay decode steps as CUDA graphs; opt-in until --graph-check passes
 
     def __post_init__(self):
+        self.weights_dir = absolute_if_local(self.weights_dir)
         if self.loader not in ("native", "hf"):
             raise ValueError(f"policy.openvla.loader={self.loader!r}; use 'native' or 'hf'")
         check_lora_targets(self.lora_targets)

@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from policies.openvla import (OpenVLAOptions, apply_speedups, build_openvla, build_openvla_policy, configure_training,
-                              tiny_dims)
+from policies.openvla import (OpenVLAOptions, absolute_if_local, apply_speedups, build_openvla, build_openvla_policy,
+                              configure_training, tiny_dims)
 from policies.vla_model import VLAModelConfig, build_tiny_vla, num_image_tokens
 from policies.vla_policy import OPENVLA_PROMPT, PromptTokenizer, TokenVLAPolicy
 from vla_razor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -104,9 +104,15 @@ def released_base_view(policy: TokenVLAPolicy, cfg: PolicyConfig, released: str 
     """``policy`` (built from ``cfg``) with its adapters switched off, when that is the base: a LoRA fine-tune of
     OpenVLA-7B as released in ``released`` (the folder a base file names). It shares the policy's weights, so the
     base costs no second 15 GB copy (nor a second load). None where the base must be a model of its own."""
-    if cfg.loads_released and cfg.openvla.lora_rank and released == cfg.openvla.weights_dir:
+    if cfg.loads_released and cfg.openvla.lora_rank and names_released(released, cfg):
         return policy.adapters_off_view()
     return None
+
+
+def names_released(named: str | None, cfg: PolicyConfig) -> bool:
+    """Whether a base file's ``released`` entry names ``cfg``'s checkpoint (files written before weights_dir was kept
+    absolute may name it relative to where they were written)."""
+    return named is not None and absolute_if_local(named) == cfg.openvla.weights_dir
 
 
 def save_released_base(path: str | os.PathLike, cfg: PolicyConfig) -> Path:

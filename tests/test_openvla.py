@@ -548,6 +548,30 @@ def test_bad_inputs_fail_with_the_fix(tmp_path, checkpoint):
                        use_proprio=False, image_resample="lanczos")
 
 
+def test_a_relative_weights_dir_is_recorded_absolute_for_files_read_elsewhere(checkpoint, tmp_path, monkeypatch):
+    """Policy and base files name the checkpoint folder. Given relative (``weights_dir=ckpts/openvla``), it is recorded
+    absolute, so the files load from any working directory (left relative, that two-part name would read as a hub id
+    there and be fetched). A hub id stays as given; a base file that named the folder relatively still names it."""
+    import policies.openvla as openvla_module
+    from policies.vla_factory import names_released, save_released_base
+
+    monkeypatch.setattr(openvla_module, "dims_from_config", lambda config: DIMS)
+    monkeypatch.chdir(checkpoint.parent.parent)
+    relative = str(checkpoint.relative_to(checkpoint.parent.parent))
+    assert "/" in relative and not Path(relative).is_absolute()
+    cfg = PolicyConfig(kind="openvla", openvla=OpenVLAOptions(weights_dir=relative, unnorm_key=UNNORM_KEY,
+                                                              dtype="float32", device="cpu"))
+    assert cfg.openvla.weights_dir == str(checkpoint)
+    assert OpenVLAOptions(weights_dir="openvla/openvla-7b").weights_dir == "openvla/openvla-7b"
+    base = save_released_base(tmp_path / "base.pt", cfg)
+    assert names_released(relative, cfg) and not names_released("openvla/openvla-7b", cfg)
+    assert not names_released(None, cfg)
+    monkeypatch.chdir(tmp_path)
+    policy, loaded_cfg, extra = load_policy(base)
+    assert extra["released"] == loaded_cfg.openvla.weights_dir == str(checkpoint)
+    assert policy.model.lm_head.weight.shape[0] == DIMS.vocab_size
+
+
 def test_a_hub_id_loads_its_snapshot_and_an_unfetchable_one_says_how_to_fix_it(checkpoint, monkeypatch):
     import huggingface_hub
 

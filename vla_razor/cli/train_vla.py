@@ -33,8 +33,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from policies.vla_factory import (PolicyConfig, build_policy, load_policy, load_policy_header, released_base_config,
-                                  released_base_view, save_policy, save_released_base, trained_weights)
+from policies.vla_factory import (PolicyConfig, build_policy, load_policy, load_policy_header, names_released,
+                                  released_base_config, released_base_view, save_policy, save_released_base,
+                                  trained_weights)
 from policies.openvla import require_weights_dir
 from policies.vla_policy import TokenVLAPolicy
 from vla_razor import results
@@ -391,7 +392,7 @@ def fine_tuning_start(cfg: TrainVLAConfig, is_main: bool) -> tuple[TokenVLAPolic
         released = released_base_config(cfg.policy)
         if Path(cfg.base).exists():
             named = load_policy_header(cfg.base)[2].get("released")
-            if named != released.openvla.weights_dir:
+            if not names_released(named, released):
                 raise ValueError(f"base={cfg.base} is not OpenVLA-7B as released in {released.openvla.weights_dir} "
                                  f"(it names {named or 'no released checkpoint'}); with policy=openvla the base is the "
                                  "released checkpoint: point base= at a new path (train-vla writes it there)")
