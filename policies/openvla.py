@@ -688,9 +688,9 @@ def openvla_policy(model: VLAForActionPrediction, tokenizer, options: OpenVLAOpt
 
     model = configure_training(model, options)
     speedups = apply_speedups(model, options)
-    log.info("OpenVLA (%s loader) from %s: %.2fB parameters, %.1fM trainable; speed-ups on: %s", options.loader,
+    log.info("OpenVLA (%s loader) from %s: %.2fB parameters, %s trainable; speed-ups on: %s", options.loader,
              source or "memory", sum(p.numel() for p in model.parameters()) / 1e9,
-             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
              ", ".join(name for name, on in speedups.items() if on) or "none")
     policy = TokenVLAPolicy(model, tokenizer, num_image_tokens=dims.num_image_tokens,
                             image_size=dims.dino.image_size, use_proprio=False, prompt_template=prompt_template,
