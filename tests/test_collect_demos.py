@@ -66,7 +66,7 @@ def test_shards_round_trip_every_step_field_and_episode_scalar(fake_dataset):
 def test_a_dataset_reads_through_a_relative_path_and_a_link(fake_dataset, tmp_path, monkeypatch):
     """The main job's default RUN_ROOT is relative (runs/main), and users link dataset folders around; the shards'
     truncation check must find their files either way."""
-    root, episodes = fake_dataset
+    root, _ = fake_dataset
     (tmp_path / "linked").symlink_to(root)
     monkeypatch.chdir(tmp_path)
     for folder in (Path("demos"), Path("linked"), tmp_path / "linked"):
